@@ -1,0 +1,531 @@
+"""Mamba-1 selective scan and its decode step in Triton.
+
+Per channel d and state n (Gu & Dao 2023, eq. 2a/2b with ZOH on A, Euler on B):
+    Δ_t = softplus(delta_t + delta_bias)            (or delta_t + delta_bias without softplus)
+    h_t = exp(Δ_t A) h_{t-1} + Δ_t B_t u_t          (h: (b, d, n), fp32)
+    y_t = (C_t · h_t + D u_t) · silu(z_t)
+
+Shapes (mamba_ssm `selective_scan_fn` layout):
+    u, delta, z, y: (batch, dim, seqlen)
+    A:              (dim, dstate)
+    B, C:           (batch, dstate, seqlen) or (batch, ngroups, dstate, seqlen); channel c reads
+                    group c // (dim / ngroups)
+    D, delta_bias:  (dim,)
+    last_state:     (batch, dim, dstate) fp32
+
+Hardware-aware layout: one program owns BLOCK_D channels of one batch row (all in one group, so
+they share B and C) and walks the sequence in chunks of BLOCK_L steps. Inside a chunk it loops
+over the state index n; for each n the recurrence over the chunk is one `tl.associative_scan` over
+pairs (a, x) = (exp(Δ A_n), Δ B_n u), and C_n h is accumulated into y, so the full state is never
+written to memory. Only each chunk's final state (b, d, n) is stored, and only when there is more
+than one chunk or the caller wants the last state: the backward pass restarts every chunk from it.
+
+Backward, per chunk from last to first and per n: recompute h by the same forward scan, then the
+adjoint g_t = dL/dh_t = C_t dout_t + exp(Δ_{t+1} A) g_{t+1} by a reverse scan, with g carried
+across chunks. Because a_t h_{t-1} = h_t − x_t, the gradients that need the previous state use
+(h − x) instead, which keeps everything within one chunk:
+    dΔ_t = Σ_n g (B u + A (h − x)),  du_t = D dout + Δ Σ_n g B,  dA_n = Σ_t Δ g (h − x),
+    dB_t = Σ_{d in group} g Δ u,     dC_t = Σ_{d in group} dout h.
+dB and dC are summed over the channel blocks of a group with fp32 atomics; dA, dD and
+delta_bias get per-batch partials that the launcher sums.
+"""
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = tl.constexpr(math.log2(math.e))  # exp(v) = exp2(v·log2 e): ex2 is the native instruction
+
+
+@triton.jit
+def _combine(a_l, x_l, a_r, x_r):
+    # Composition of two affine maps h -> a h + x, left one applied first.
+    return a_l * a_r, a_r * x_l + x_r
+
+
+@triton.jit
+def _softplus(v):
+    # log1p(exp(v)) with Kahan's log1p trick (tl has no log1p): Δ is often ~1e-3, where
+    # log(1 + e) loses most of its digits; mamba_ssm switches to the identity above 20.
+    e = tl.exp(v)
+    w = 1.0 + e
+    log1p_e = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
+    return tl.where(v <= 20.0, log1p_e, v)
+
+
+@triton.jit
+def _load_delta(delta_row, bias, offs_l, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Δ for one (BLOCK_D, BLOCK_L) tile, 0 outside the sequence so that the tail leaves h
+    unchanged; also delta + delta_bias, where the backward takes softplus' derivative."""
+    pre = tl.load(delta_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        pre += bias[:, None]
+    dt = _softplus(pre) if SOFTPLUS else pre
+    return tl.where(mask, dt, 0.0), pre
+
+
+@triton.jit
+def _selective_scan_fwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
+    dim, seqlen, dstate, nchunks, channels_per_group,
+    s_u_b, s_u_d, s_dt_b, s_dt_d, s_A_d, s_A_n,
+    s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d, s_y_b, s_y_d,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    STORE_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_c = tl.arange(0, BLOCK_L)
+    row0 = offs_d[:, None] * 0  # (BLOCK_D, 1) zeros: broadcasts a row of B or C to a tile
+    group = (pid_d * BLOCK_D) // channels_per_group
+
+    u_row = u_ptr + pid_b * s_u_b + offs_d[:, None] * s_u_d
+    delta_row = delta_ptr + pid_b * s_dt_b + offs_d[:, None] * s_dt_d
+    z_row = z_ptr + pid_b * s_z_b + offs_d[:, None] * s_z_d
+    y_row = y_ptr + pid_b * s_y_b + offs_d[:, None] * s_y_d
+    B_base = B_ptr + pid_b * s_B_b + group * s_B_g
+    C_base = C_ptr + pid_b * s_C_b + group * s_C_g
+    A_col = A_ptr + offs_d * s_A_d
+    # states: (b, d, nchunks, n) fp32, the state after each chunk
+    states_row = states_ptr + ((pid_b * dim + offs_d) * nchunks) * dstate  # (BLOCK_D,)
+    # A tile of pointers whose last column is the row's state: with the mask `is_last` this
+    # stores that column without a reduction over the chunk. The masked-off columns are never
+    # dereferenced; they make the pointers contiguous along l, so the store takes the layout of
+    # the loads and h needs no layout conversion.
+    states_tile = states_row[:, None] + (offs_c[None, :] - (BLOCK_L - 1))
+    is_last = (offs_c == BLOCK_L - 1)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d).to(tl.float32)
+
+    for c in range(nchunks):
+        offs_l = c * BLOCK_L + offs_c
+        mask = (offs_l < seqlen)[None, :]
+        has_prev = tl.full((BLOCK_D,), c, dtype=tl.int32) > 0  # chunk 0 starts from h = 0
+        u = tl.load(u_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
+        dt, _ = _load_delta(delta_row, bias, offs_l, mask, HAS_BIAS, SOFTPLUS)
+        dtu = dt * u
+        # B_n and C_n are read as full (BLOCK_D, BLOCK_L) tiles, each row the same: loaded in the
+        # same layout as u, they need no layout conversion inside the loop over n.
+        bc_offs = row0 + offs_l[None, :]
+        y = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        # Operands of state index n are loaded during iteration n − 1 (software pipelining): the
+        # scan's barriers would otherwise expose a global-memory latency on every iteration.
+        A_nx = tl.load(A_col)
+        B_nx = tl.load(B_base + bc_offs, mask=mask, other=0.0)
+        C_nx = tl.load(C_base + bc_offs, mask=mask, other=0.0)
+        if STORE_STATES:
+            h0_nx = tl.load(states_row + (c - 1) * dstate, mask=has_prev, other=0.0)
+        for n in range(dstate):
+            A2 = A_nx.to(tl.float32) * LOG2E
+            Bn = B_nx.to(tl.float32)
+            Cn = C_nx.to(tl.float32)
+            nx = n + 1 - (n + 1) // dstate  # the last iteration re-reads index dstate − 1
+            A_nx = tl.load(A_col + nx * s_A_n)
+            B_nx = tl.load(B_base + nx * s_B_n + bc_offs, mask=mask, other=0.0)
+            C_nx = tl.load(C_base + nx * s_C_n + bc_offs, mask=mask, other=0.0)
+            a = tl.exp2(dt * A2[:, None])
+            x = dtu * Bn
+            a_s, h = tl.associative_scan((a, x), axis=1, combine_fn=_combine)
+            if STORE_STATES:
+                h0 = h0_nx
+                h0_nx = tl.load(states_row + (c - 1) * dstate + nx, mask=has_prev, other=0.0)
+                h += a_s * h0[:, None]
+                # The tail of the last chunk has a = 1, x = 0, so the last column is the state.
+                tl.store(states_tile + c * dstate + n, h, mask=is_last)
+            y += h * Cn
+        if STORE_STATES:
+            tl.debug_barrier()  # this chunk's states are read by other threads in the next one
+        if HAS_D:
+            y += D[:, None] * u
+        if HAS_Z:
+            zz = tl.load(z_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
+            y *= zz * tl.sigmoid(zz)
+        tl.store(y_row + offs_l[None, :], y, mask=mask)
+
+
+@triton.jit
+def _selective_scan_bwd_kernel(
+    u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dy_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, gcarry_ptr,
+    dim, seqlen, dstate, nchunks, channels_per_group, ngroups,
+    s_u_b, s_u_d, s_dt_b, s_dt_d, s_A_d, s_A_n,
+    s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d, s_dy_b, s_dy_d,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    MULTI_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Batch is the fast grid axis: programs that run at the same time then add into different
+    # rows of dB and dC, rather than queueing on the same addresses.
+    pid_b = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_L)
+    row0 = offs_d[:, None] * 0
+    group = (pid_d * BLOCK_D) // channels_per_group
+
+    u_row = u_ptr + pid_b * s_u_b + offs_d[:, None] * s_u_d
+    delta_row = delta_ptr + pid_b * s_dt_b + offs_d[:, None] * s_dt_d
+    z_row = z_ptr + pid_b * s_z_b + offs_d[:, None] * s_z_d
+    dy_row = dy_ptr + pid_b * s_dy_b + offs_d[:, None] * s_dy_d
+    # du, ddelta, dz are fresh contiguous (b, d, l) tensors; dB, dC contiguous fp32 (b, g, n, l).
+    out_row = (pid_b * dim + offs_d[:, None]) * seqlen
+    B_base = B_ptr + pid_b * s_B_b + group * s_B_g
+    C_base = C_ptr + pid_b * s_C_b + group * s_C_g
+    dBC_base = (pid_b * ngroups + group) * dstate * seqlen
+    A_col = A_ptr + offs_d * s_A_d
+    states_row = states_ptr + ((pid_b * dim + offs_d) * nchunks) * dstate  # (BLOCK_D,)
+    # gcarry: (b, d, 2, n) fp32, the adjoint at the start of the chunk after this one. Chunk c
+    # reads slot (c+1) % 2 and writes slot c % 2, so no thread overwrites a value that another
+    # may still read; the barrier at the end of each chunk orders the rest.
+    gcarry_row = gcarry_ptr + (pid_b * dim + offs_d) * 2 * dstate  # (BLOCK_D,)
+    gcarry_tile = gcarry_row[:, None] + offs_c[None, :]  # column 0 is the row's carry (as above)
+    is_first = (offs_c == 0)[None, :]
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d).to(tl.float32)
+
+    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
+    dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    for i in range(nchunks):
+        c = nchunks - 1 - i
+        offs_l = c * BLOCK_L + offs_c
+        in_seq = offs_l < seqlen
+        mask = in_seq[None, :]
+        mask_next = (offs_l + 1 < seqlen)[None, :]
+        has_prev = tl.full((BLOCK_D,), c, dtype=tl.int32) > 0  # chunk 0 starts from h = 0
+        has_next = tl.full((BLOCK_D,), i, dtype=tl.int32) > 0  # the last chunk ends with g = 0
+        u = tl.load(u_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
+        dt, _ = _load_delta(delta_row, bias, offs_l, mask, HAS_BIAS, SOFTPLUS)
+        dt_next, _ = _load_delta(delta_row, bias, offs_l + 1, mask_next, HAS_BIAS, SOFTPLUS)
+        dy = tl.load(dy_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(z_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
+            sig_z = tl.sigmoid(zz)
+            dout = dy * zz * sig_z
+            dy_dsilu = dy * sig_z * (1.0 + zz * (1.0 - sig_z))  # dz = dy_dsilu · (C·h + D u)
+        else:
+            dout = dy
+        dtu = dt * u
+        bc_offs = row0 + offs_l[None, :]  # B_n, C_n as full tiles, as in the forward
+        s = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # C·h, only needed for dz
+        gB = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # Σ_n g B
+        gAhx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # Σ_n A g (h − x)
+        # Next state index's operands are loaded one iteration ahead, as in the forward.
+        A_nx = tl.load(A_col)
+        B_nx = tl.load(B_base + bc_offs, mask=mask, other=0.0)
+        C_nx = tl.load(C_base + bc_offs, mask=mask, other=0.0)
+        if MULTI_CHUNK:
+            h0_nx = tl.load(states_row + (c - 1) * dstate, mask=has_prev, other=0.0)
+            g_in_nx = tl.load(gcarry_row + ((c + 1) % 2) * dstate, mask=has_next, other=0.0)
+        for n in range(dstate):
+            A = A_nx.to(tl.float32)
+            A2 = A * LOG2E
+            Bn = B_nx.to(tl.float32)
+            Cn = C_nx.to(tl.float32)
+            nx = n + 1 - (n + 1) // dstate
+            A_nx = tl.load(A_col + nx * s_A_n)
+            B_nx = tl.load(B_base + nx * s_B_n + bc_offs, mask=mask, other=0.0)
+            C_nx = tl.load(C_base + nx * s_C_n + bc_offs, mask=mask, other=0.0)
+            a = tl.exp2(dt * A2[:, None])
+            x = dtu * Bn
+            a_s, h = tl.associative_scan((a, x), axis=1, combine_fn=_combine)
+            # a_{t+1}: the reverse recurrence g_t = C_t dout_t + a_{t+1} g_{t+1}
+            a_next = tl.exp2(dt_next * A2[:, None])
+            a_r, g = tl.associative_scan((a_next, dout * Cn), axis=1, combine_fn=_combine,
+                                         reverse=True)
+            if MULTI_CHUNK:
+                h0 = h0_nx
+                g_in = g_in_nx
+                h0_nx = tl.load(states_row + (c - 1) * dstate + nx, mask=has_prev, other=0.0)
+                g_in_nx = tl.load(gcarry_row + ((c + 1) % 2) * dstate + nx, mask=has_next, other=0.0)
+                h += a_s * h0[:, None]
+                g += a_r * g_in[:, None]
+                tl.store(gcarry_tile + (c % 2) * dstate + n, g, mask=is_first)
+            if HAS_Z:
+                s += h * Cn
+            gB += g * Bn
+            ghx = g * (h - x)  # g_t a_t h_{t-1}
+            gAhx += A[:, None] * ghx
+            dA_n = tl.sum(dt * ghx, axis=1)
+            dA_acc = tl.where(offs_n[None, :] == n, dA_acc + dA_n[:, None], dA_acc)
+            dB_n = tl.sum(g * dtu, axis=0, keep_dims=True)  # (1, BLOCK_L)
+            dC_n = tl.sum(dout * h, axis=0, keep_dims=True)
+            tl.atomic_add(dB_ptr + dBC_base + n * seqlen + offs_l[None, :], dB_n, mask=mask,
+                          sem="relaxed")
+            tl.atomic_add(dC_ptr + dBC_base + n * seqlen + offs_l[None, :], dC_n, mask=mask,
+                          sem="relaxed")
+        if MULTI_CHUNK:
+            tl.debug_barrier()
+        du = dt * gB
+        if HAS_D:
+            du += D[:, None] * dout
+            dD_acc += tl.sum(dout * u, axis=1)
+        ddt = u * gB + gAhx
+        if SOFTPLUS:
+            # delta + delta_bias is reloaded rather than kept alive through the loop over n.
+            _, dt_pre = _load_delta(delta_row, bias, offs_l, mask, HAS_BIAS, False)
+            ddt = tl.where(dt_pre <= 20.0, ddt * tl.sigmoid(dt_pre), ddt)
+        if HAS_BIAS:
+            dbias_acc += tl.sum(ddt, axis=1)
+        tl.store(du_ptr + out_row + offs_l[None, :], du, mask=mask)
+        tl.store(ddelta_ptr + out_row + offs_l[None, :], ddt, mask=mask)
+        if HAS_Z:
+            if HAS_D:
+                s += D[:, None] * u
+            dz = dy_dsilu * s
+            tl.store(dz_ptr + out_row + offs_l[None, :], dz, mask=mask)
+    # Per-batch partials, (b, d, n) and (b, d); the launcher sums over the batch.
+    part = pid_b * dim + offs_d
+    tl.store(dA_ptr + part[:, None] * dstate + offs_n[None, :], dA_acc, mask=(offs_n < dstate)[None, :])
+    if HAS_D:
+        tl.store(dD_ptr + part, dD_acc)
+    if HAS_BIAS:
+        tl.store(dbias_ptr + part, dbias_acc)
+
+
+@triton.jit
+def _selective_state_update_kernel(
+    state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,
+    dim, dstate, channels_per_group,
+    s_h_b, s_h_d, s_h_n, s_x_b, s_x_d, s_dt_b, s_dt_d, s_A_d, s_A_n,
+    s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d, s_y_b, s_y_d,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    pid_d = tl.program_id(0)
+    pid_b = tl.program_id(1).to(tl.int64)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_d = offs_d < dim
+    mask = mask_d[:, None] & (offs_n < dstate)[None, :]
+    group = (offs_d // channels_per_group)[:, None]  # channels of one block may span groups
+
+    h_ptrs = state_ptr + pid_b * s_h_b + offs_d[:, None] * s_h_d + offs_n[None, :] * s_h_n
+    h = tl.load(h_ptrs, mask=mask, other=0.0)
+    x = tl.load(x_ptr + pid_b * s_x_b + offs_d * s_x_d, mask=mask_d, other=0.0).to(tl.float32)
+    dt = tl.load(dt_ptr + pid_b * s_dt_b + offs_d * s_dt_d, mask=mask_d, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask, other=0.0)
+    Bt = tl.load(B_ptr + pid_b * s_B_b + group * s_B_g + offs_n[None, :] * s_B_n, mask=mask, other=0.0)
+    Ct = tl.load(C_ptr + pid_b * s_C_b + group * s_C_g + offs_n[None, :] * s_C_n, mask=mask, other=0.0)
+    h = tl.exp(dt[:, None] * A.to(tl.float32)) * h + (dt * x)[:, None] * Bt.to(tl.float32)
+    tl.store(h_ptrs, h, mask=mask)
+    y = tl.sum(h * Ct.to(tl.float32), axis=1)
+    if HAS_D:
+        y += tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32) * x
+    if HAS_Z:
+        zz = tl.load(z_ptr + pid_b * s_z_b + offs_d * s_z_d, mask=mask_d, other=0.0).to(tl.float32)
+        y *= zz * tl.sigmoid(zz)
+    tl.store(y_ptr + pid_b * s_y_b + offs_d * s_y_d, y, mask=mask_d)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    """Largest power of two <= cap dividing n: a channel block must not straddle two groups."""
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def _chunk_size(seqlen: int) -> int:
+    # Chunks of 256 steps, one warp each (8 steps a lane): the scans then never cross warps, and
+    # many small independent programs hide latency better than a few wide ones (NOTES.md).
+    return min(max(triton.next_power_of_2(seqlen), 16), 256)
+
+
+# Tiles: each thread holds `per_thread` elements of every (BLOCK_D, BLOCK_L) fp32 tile, 8
+# contiguous steps of one channel (16-byte bf16 loads); BLOCK_D follows from BLOCK_L.
+# kernels/selective_scan/bench.py --sweep times the alternatives (NOTES.md).
+_FWD_TILE = {"per_thread": 8, "num_warps": 1}
+_BWD_TILE = {"per_thread": 8, "num_warps": 1}
+
+
+def _tile(cfg: dict, block_l: int, channels_per_group: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps); a single warp under the interpreter, where warps mean nothing."""
+    num_warps = 1 if _interpreting() else cfg["num_warps"]
+    cap = max(cfg["per_thread"] * 32 * num_warps // block_l, 1)
+    return _pow2_divisor(channels_per_group, cap), num_warps
+
+
+def _lastdim_contiguous(t):
+    return t if t is None or t.stride(-1) == 1 else t.contiguous()
+
+
+def _grouped(M):
+    # (b, n, l) -> (b, 1, n, l): the shared case is one group.
+    return M.unsqueeze(1) if M.dim() == 3 else M
+
+
+def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, store_states,
+                        block_l, tile=None):
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    B4, C4 = _grouped(B), _grouped(C)
+    ngroups = B4.shape[1]
+    nchunks = triton.cdiv(seqlen, block_l)
+    store_states = store_states or nchunks > 1
+    block_d, num_warps = tile or _tile(_FWD_TILE, block_l, dim // ngroups)
+    y = torch.empty_like(u)
+    states = torch.empty(batch, dim, nchunks if store_states else 0, dstate, device=u.device,
+                         dtype=torch.float32)
+    zz = z if z is not None else u
+    grid = (dim // block_d, batch)
+    _selective_scan_fwd_kernel[grid](
+        u, delta, A, B4, C4, D if D is not None else u, zz,
+        delta_bias if delta_bias is not None else u, y, states if store_states else y,
+        dim, seqlen, dstate, nchunks, dim // ngroups,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
+        B4.stride(0), B4.stride(1), B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2),
+        zz.stride(0), zz.stride(1), y.stride(0), y.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, STORE_STATES=store_states, BLOCK_D=block_d, BLOCK_L=block_l,
+        num_warps=num_warps,
+    )
+    return y, states
+
+
+def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus, states,
+                        block_l, tile=None):
+    batch, dim, seqlen = u.shape
+    dstate = A.shape[1]
+    B4, C4 = _grouped(B), _grouped(C)
+    ngroups = B4.shape[1]
+    nchunks = triton.cdiv(seqlen, block_l)
+    block_d, num_warps = tile or _tile(_BWD_TILE, block_l, dim // ngroups)
+    f32 = dict(device=u.device, dtype=torch.float32)
+    du = torch.empty(batch, dim, seqlen, device=u.device, dtype=u.dtype)
+    ddelta = torch.empty(batch, dim, seqlen, device=u.device, dtype=delta.dtype)
+    dz = torch.empty(batch, dim, seqlen, device=u.device, dtype=z.dtype) if z is not None else None
+    dB = torch.zeros(batch, ngroups, dstate, seqlen, **f32)
+    dC = torch.zeros(batch, ngroups, dstate, seqlen, **f32)
+    dA = torch.empty(batch, dim, dstate, **f32)
+    dD = torch.empty(batch, dim, **f32) if D is not None else None
+    dbias = torch.empty(batch, dim, **f32) if delta_bias is not None else None
+    gcarry = torch.empty(batch, dim, 2, dstate, **f32) if nchunks > 1 else dA
+    zz = z if z is not None else u
+    grid = (batch, dim // block_d)
+    _selective_scan_bwd_kernel[grid](
+        u, delta, A, B4, C4, D if D is not None else u, zz,
+        delta_bias if delta_bias is not None else u, states if nchunks > 1 else dA, dy,
+        du, ddelta, dz if dz is not None else du, dA, dB, dC,
+        dD if dD is not None else dA, dbias if dbias is not None else dA, gcarry,
+        dim, seqlen, dstate, nchunks, dim // ngroups, ngroups,
+        u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
+        B4.stride(0), B4.stride(1), B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2),
+        zz.stride(0), zz.stride(1), dy.stride(0), dy.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=delta_softplus, MULTI_CHUNK=nchunks > 1,
+        BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_N=triton.next_power_of_2(dstate),
+        num_warps=num_warps,
+    )
+    dB = dB.to(B.dtype).view(B.shape)
+    dC = dC.to(C.dtype).view(C.shape)
+    dA = dA.sum(0).to(A.dtype)
+    dD = dD.sum(0).to(D.dtype) if D is not None else None
+    dbias = dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    return du, ddelta, dA, dB, dC, dD, dz, dbias
+
+
+class SelectiveScanFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
+                block_l):
+        u, delta, B, C, z = map(_lastdim_contiguous, (u, delta, B, C, z))
+        D, delta_bias = (None if t is None else t.contiguous() for t in (D, delta_bias))
+        need_grad = any(ctx.needs_input_grad[:8])
+        y, states = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
+                                        return_last_state, block_l)
+        if need_grad:
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
+            ctx.delta_softplus = delta_softplus
+            ctx.block_l = block_l
+        if not return_last_state:
+            return y
+        last_state = states[:, :, -1].contiguous()
+        ctx.mark_non_differentiable(last_state)
+        return y, last_state
+
+    @staticmethod
+    def backward(ctx, dy, *_):
+        u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
+        grads = _selective_scan_bwd(_lastdim_contiguous(dy), u, delta, A, B, C, D, z, delta_bias,
+                                    ctx.delta_softplus, states, ctx.block_l)
+        return *grads, None, None, None
+
+
+def _check_layout(u, delta, A, B, C):
+    if u.dim() != 3 or delta.shape != u.shape:
+        raise ValueError(f"u{tuple(u.shape)}, delta{tuple(delta.shape)}: must both be (b, d, l)")
+    if A.dim() != 2 or A.shape[0] != u.shape[1]:
+        raise ValueError(f"A{tuple(A.shape)}: must be (d, n) with d={u.shape[1]}")
+    for name, M in (("B", B), ("C", C)):
+        groups = M.shape[1] if M.dim() == 4 else 1
+        if M.dim() not in (3, 4) or M.shape[0] != u.shape[0] or M.shape[-2:] != (A.shape[1], u.shape[2]) \
+                or u.shape[1] % groups:
+            raise ValueError(f"{name}{tuple(M.shape)}: must be (b, n, l) or (b, g, n, l) with "
+                             f"d % g == 0")
+
+
+def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
+                          delta_softplus=False, return_last_state=False):
+    """Selective scan y = (scan(u) + D·u)·silu(z), forward and backward in Triton.
+
+    u, delta, z: (batch, dim, seqlen)      A: (dim, dstate)       D, delta_bias: (dim,)
+    B, C: (batch, dstate, seqlen) or (batch, ngroups, dstate, seqlen)
+    Returns y (batch, dim, seqlen) in u.dtype, or (y, last_state (batch, dim, dstate) fp32).
+    Works on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
+    """
+    _check_layout(u, delta, A, B, C)
+    return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
+                                 bool(return_last_state), _chunk_size(u.shape[2]))
+
+
+def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
+                                  dt_softplus=False):
+    """One decode step of the selective scan; updates `state` in place.
+
+    state: (batch, dim, dstate) fp32     x, dt, z: (batch, dim)     A: (dim, dstate)
+    B, C: (batch, dstate) or (batch, ngroups, dstate)                D, dt_bias: (dim,)
+    Returns y (batch, dim) in x.dtype.
+    """
+    batch, dim, dstate = state.shape
+    B3 = B.unsqueeze(1) if B.dim() == 2 else B  # (b, g, n)
+    C3 = C.unsqueeze(1) if C.dim() == 2 else C
+    y = torch.empty_like(x)
+    zz = z if z is not None else x
+    block_n = triton.next_power_of_2(dstate)
+    block_d = max(1, min(triton.next_power_of_2(dim), 2048 // block_n))
+    grid = (triton.cdiv(dim, block_d), batch)
+    _selective_state_update_kernel[grid](
+        state, x, dt, A, B3, C3, D if D is not None else x, zz,
+        dt_bias if dt_bias is not None else x, y,
+        dim, dstate, dim // B3.shape[1],
+        state.stride(0), state.stride(1), state.stride(2), x.stride(0), x.stride(1),
+        dt.stride(0), dt.stride(1), A.stride(0), A.stride(1),
+        B3.stride(0), B3.stride(1), B3.stride(2), C3.stride(0), C3.stride(1), C3.stride(2),
+        zz.stride(0), zz.stride(1), y.stride(0), y.stride(1),
+        HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
+        SOFTPLUS=bool(dt_softplus), BLOCK_D=block_d, BLOCK_N=block_n,
+        num_warps=1 if _interpreting() else 4,
+    )
+    return y

@@ -1,0 +1,84 @@
+"""SSD, Mamba-2's scan, with a backend switch (see `kernels`): "torch" is `reference.py`, "triton"
+is `triton.py`, "auto" picks Triton for CUDA tensors.
+
+Shapes (mamba_ssm `mamba_chunk_scan_combined` layout):
+    x, z:                   (batch, seqlen, nheads, headdim)
+    dt:                     (batch, seqlen, nheads)
+    A, dt_bias:             (nheads,)
+    B, C:                   (batch, seqlen, ngroups, d_state)      head i reads group i // (nheads/ngroups)
+    D:                      (nheads,) or (nheads, headdim)
+    initial/final states:   (batch, nheads, headdim, d_state)      fp32
+"""
+
+from torch import Tensor
+
+from kernels import load_backend
+from kernels.ssd.reference import ssd_scan_ref, ssd_step_ref
+
+__all__ = ["ssd_scan", "ssd_step"]
+
+_TRITON = "kernels.ssd.triton"
+
+# The Triton SSD is opt-in (backend="triton") until it passes its GPU tests: an earlier version
+# hit illegal memory accesses on an H100 and the fix is unverified. "auto" therefore stays on the
+# reference for CUDA tensors too; flip this once tests/test_ssd_triton.py passes on a GPU.
+AUTO_USES_TRITON = False
+
+
+def _backend_module(backend: str, x: Tensor):
+    if backend == "auto" and not AUTO_USES_TRITON:
+        backend = "torch"
+    return load_backend(_TRITON, backend, x)
+
+
+def ssd_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    initial_states: Tensor | None = None,
+    return_final_states: bool = False,
+    backend: str = "auto",
+) -> Tensor | tuple[Tensor, Tensor]:
+    """y = (SSD(x) + D·x)·silu(z) over a whole sequence of any length, from `initial_states` (or 0).
+
+    Δ = softplus(dt + dt_bias) if dt_softplus else dt + dt_bias;
+    h_t = exp(Δ_t·A)·h_{t−1} + Δ_t·x_t B_tᵀ,  y_t = h_t C_t + D·x_t.
+    Returns y (batch, seqlen, nheads, headdim) in x.dtype, or (y, final_states fp32) when
+    return_final_states.
+    """
+    impl = _backend_module(backend, x)
+    scan = ssd_scan_ref if impl is None else impl.ssd_scan_triton
+    return scan(
+        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
+        initial_states=initial_states, return_final_states=return_final_states,
+    )
+
+
+def ssd_step(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    backend: str = "auto",
+) -> Tensor:
+    """One token of ssd_scan; updates `state` (batch, nheads, headdim, d_state) fp32 in place.
+
+    x, z: (batch, nheads, headdim), dt: (batch, nheads), B, C: (batch, ngroups, d_state).
+    Returns y: (batch, nheads, headdim) in x.dtype.
+    """
+    impl = _backend_module(backend, x)
+    step = ssd_step_ref if impl is None else impl.ssd_step_triton
+    return step(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)

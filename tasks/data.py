@@ -1,0 +1,140 @@
+"""Lightning data module: any task from `tasks/` as train / val / test loaders.
+
+The task's parameters are validated when the module is built (before anything is generated or
+written); the data itself is generated in `setup`, from a different seed per split.
+"""
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset
+
+from tasks import make_task
+from tasks.base import TaskData, check_positive_int
+
+# Each split draws from its own seed so train, val and test never share a stream.
+SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
+
+
+class TaskDataset(Dataset):
+    """Examples of one `TaskData` as dicts: inputs (L,), labels (L,), and one scalar per slice."""
+
+    def __init__(self, data: TaskData):
+        self.data = data
+
+    def __len__(self):
+        return self.data.inputs.shape[0]
+
+    def __getitem__(self, i):
+        item = {"inputs": self.data.inputs[i], "labels": self.data.labels[i]}
+        item.update({f"slice/{k}": v[i] for k, v in self.data.slices.items()})
+        return item
+
+
+class FreshBatches(IterableDataset):
+    """Newly generated training batches every epoch (the Mamba paper's synthetic setting).
+
+    Batch i of epoch e is generated from seed (seed, e, i), so a run is reproducible and a resumed
+    run continues the same stream.
+    """
+
+    def __init__(self, task, num_examples, batch_size, seed, epoch_fn):
+        self.task, self.num_examples, self.batch_size = task, num_examples, batch_size
+        self.seed, self.epoch_fn = seed, epoch_fn
+
+    def __len__(self):
+        return -(-self.num_examples // self.batch_size)
+
+    def __iter__(self):
+        epoch = self.epoch_fn()
+        for i in range(len(self)):
+            n = min(self.batch_size, self.num_examples - i * self.batch_size)
+            seed = (self.seed * 1_000_003 + epoch) * 1_000_003 + i
+            data = self.task.generate(n, seed % 2**63)
+            yield {"inputs": data.inputs, "labels": data.labels,
+                   **{f"slice/{k}": v for k, v in data.slices.items()}}
+
+
+class TaskDataModule(L.LightningDataModule):
+    """Train / val / test sets of one task.
+
+    Args:
+        name: the task's module in `tasks/` (e.g. "mqar").
+        batch_size: examples per training batch.
+        num_train, num_val, num_test: examples per split.
+        seed: base seed; split s uses `seed * 100 + offset(s)`.
+        test_seq_lens: extra test sets at these lengths (length extrapolation, e.g. induction
+            heads); each is logged as `test@seq_len=L/...`.
+        fresh_train: generate `num_train` new training examples every epoch instead of one fixed
+            training set (the Mamba paper's selective copying and induction heads).
+        **params: the task's own parameters (vocab_size, seq_len, ...).
+    """
+
+    def __init__(self, name, batch_size, num_train, num_val, num_test, seed=0, test_seq_lens=(),
+                 fresh_train=False, **params):
+        super().__init__()
+        sizes = {"batch_size": batch_size, "num_train": num_train, "num_val": num_val,
+                 "num_test": num_test}
+        for key, value in sizes.items():
+            check_positive_int(key, value)
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ValueError(f"seed={seed!r}: must be a non-negative integer")
+        if not isinstance(fresh_train, bool):
+            raise ValueError(f"fresh_train={fresh_train!r}: must be true or false")
+        self.name, self.batch_size, self.seed, self.fresh_train = name, batch_size, seed, fresh_train
+        self.sizes = {"train": num_train, "val": num_val, "test": num_test}
+        self.task = make_task(name, **params)  # validates the task's parameters now
+        self.test_tasks = {}
+        for seq_len in test_seq_lens or ():
+            check_positive_int("test_seq_lens[]", seq_len)
+            self.test_tasks[seq_len] = make_task(name, **{**params, "seq_len": seq_len})
+        self.vocab_size = self.task.vocab_size
+        self.data: dict[str, TaskData] = {}
+
+    def _seed(self, split):
+        return self.seed * 100 + SPLIT_SEED_OFFSET[split]
+
+    def setup(self, stage=None):
+        if self.data:
+            return
+        for split, n in self.sizes.items():
+            if not (split == "train" and self.fresh_train):
+                self.data[split] = self.task.generate(n, self._seed(split))
+        for seq_len, task in self.test_tasks.items():
+            self.data[f"test@seq_len={seq_len}"] = task.generate(self.sizes["test"], self._seed("test"))
+
+    @property
+    def test_names(self) -> list[str]:
+        """Names of the test sets, in the order of `test_dataloader()`: "test" first."""
+        return ["test"] + [f"test@seq_len={n}" for n in self.test_tasks]
+
+    @property
+    def slice_values(self) -> dict[str, list[int]]:
+        """Every value each slice takes in the val and test sets (so metrics exist on every rank)."""
+        values: dict[str, set] = {}
+        for split, data in self.data.items():
+            if split == "train":
+                continue
+            for k, v in data.slices.items():
+                values.setdefault(k, set()).update(v.unique().tolist())
+        return {k: sorted(v) for k, v in values.items()}
+
+    def _loader(self, split, shuffle=False, batch_size=None):
+        return DataLoader(TaskDataset(self.data[split]), batch_size=batch_size or self.batch_size,
+                          shuffle=shuffle, drop_last=False)
+
+    def train_dataloader(self):
+        if self.fresh_train:
+            epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0
+            stream = FreshBatches(self.task, self.sizes["train"], self.batch_size, self._seed("train"), epoch)
+            return DataLoader(stream, batch_size=None)
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self):
+        return self._loader("val")
+
+    def test_dataloader(self):
+        # Long extrapolation sets keep the tokens per batch of the training batches.
+        seq_len = self.task.seq_len
+        return [self._loader("test")] + [
+            self._loader(f"test@seq_len={n}", batch_size=max(1, self.batch_size * seq_len // n))
+            for n in self.test_tasks
+        ]

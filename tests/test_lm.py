@@ -1,0 +1,186 @@
+"""The LM around every mixer: logits, causality, recurrent decoding, positions, layout, training."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+from models.attention import Attention
+from models.lm import LM
+from models.mamba1 import Mamba1
+from models.mamba2 import Mamba2
+
+VOCAB, D_MODEL, SEQLEN, BATCH = 13, 16, 10, 2
+SIZES = dict(n_heads=2, d_state=4, headdim=8, ngroups=2, chunk_size=4)  # flat, as Hydra passes them
+CONFIGS = {
+    "mamba2": dict(mixer="mamba2"),
+    "mamba1-learned-mlp": dict(mixer="mamba1", pos="learned", mlp_expand=2),
+    "attention-learned": dict(mixer="attention", pos="learned"),
+    "attention-rope-mlp": dict(mixer="attention", pos="rope", mlp_expand=2),
+    "hybrid-rope": dict(mixer="hybrid", pos="rope", n_layers=3, attn_layers=[1]),
+}
+
+
+def make_lm(name, **overrides):
+    torch.manual_seed(0)
+    kwargs = dict(vocab_size=VOCAB, d_model=D_MODEL, n_layers=2, max_seqlen=16, **SIZES)
+    return LM(**{**kwargs, **CONFIGS[name], **overrides})
+
+
+@pytest.fixture(params=list(CONFIGS))
+def lm(request):
+    return make_lm(request.param).eval()
+
+
+def token_ids(seqlen=SEQLEN, seed=1):
+    return torch.randint(VOCAB, (BATCH, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def assert_rel_close(actual, expected, tol=1e-5):
+    err = (actual - expected).abs().max() / expected.abs().max()
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
+@torch.no_grad()
+def test_logits_shape(lm):
+    ids = token_ids()
+    assert lm(ids).shape == (BATCH, SEQLEN, VOCAB)
+    assert lm.hidden(ids).shape == (BATCH, SEQLEN, D_MODEL)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("t", [0, 4, SEQLEN - 1])
+def test_causal(lm, t):
+    ids = token_ids()
+    ids2 = ids.clone()
+    ids2[:, t:] = (ids[:, t:] + 1) % VOCAB
+    logits, logits2 = lm(ids), lm(ids2)
+    torch.testing.assert_close(logits2[:, :t], logits[:, :t], rtol=0, atol=1e-6)
+    assert not torch.allclose(logits2[:, t], logits[:, t])
+
+
+@torch.no_grad()
+def test_step_equals_forward(lm):
+    ids = token_ids()
+    cache = lm.allocate_cache(BATCH, SEQLEN)
+    logits = torch.stack([lm.step(ids[:, t], cache) for t in range(SEQLEN)], dim=1)
+    assert cache.seqlen == SEQLEN
+    assert_rel_close(logits, lm(ids))
+
+
+@torch.no_grad()
+def test_prefill_then_step_equals_forward(lm):
+    """Positions (learned or RoPE) must continue from the prefill."""
+    ids = token_ids()
+    expected = lm(ids)
+    cache = lm.allocate_cache(BATCH, SEQLEN)
+    assert_rel_close(lm.head(lm.hidden(ids[:, :6], cache)), expected[:, :6])
+    logits = torch.stack([lm.step(ids[:, t], cache) for t in range(6, SEQLEN)], dim=1)
+    assert_rel_close(logits, expected[:, 6:])
+
+
+def test_learned_positions_stop_at_max_seqlen():
+    lm = make_lm("attention-learned", max_seqlen=8)
+    lm(token_ids(8))
+    with pytest.raises(ValueError, match=r"^seqlen=9: longer than the max_seqlen=8 learned positions$"):
+        lm(token_ids(9))
+    cache = lm.allocate_cache(BATCH, 16)
+    lm.hidden(token_ids(8), cache)
+    with pytest.raises(ValueError, match="max_seqlen=8"):
+        lm.step(token_ids(1)[:, 0], cache)
+
+
+def test_hybrid_layout():
+    lm = make_lm("hybrid-rope", n_layers=4, attn_layers=[0, 2])
+    kinds = [type(block.mixer) for block in lm.blocks]
+    assert kinds == [Attention, Mamba2, Attention, Mamba2]
+    assert all(block.mixer.pos == "rope" for block in lm.blocks if isinstance(block.mixer, Attention))
+
+
+def test_mixer_choice_and_d_state_defaults():
+    base = dict(vocab_size=VOCAB, d_model=D_MODEL, n_layers=2)
+    assert all(isinstance(b.mixer, Mamba1) and b.mixer.d_state == 16 for b in LM(**base, mixer="mamba1").blocks)
+    assert all(isinstance(b.mixer, Mamba2) and b.mixer.d_state == 64 for b in LM(**base, headdim=8).blocks)
+    assert all(isinstance(b.mixer, Attention) for b in LM(**base, mixer="attention").blocks)
+
+
+def test_state_size_sums_layers():
+    lm = make_lm("hybrid-rope", n_layers=3, attn_layers=[1])
+    # Two Mamba-2 layers at 2·d_model·N each, one attention layer at 2·d_model·seq_len.
+    assert lm.state_size(100) == 2 * (2 * D_MODEL * 4) + 2 * D_MODEL * 100
+    assert make_lm("mamba2").state_size(100) == make_lm("mamba2").state_size(7) == 2 * (2 * D_MODEL * 4)
+    assert make_lm("attention-learned").state_size(100) == 2 * (2 * D_MODEL * 100)
+
+
+def test_num_params():
+    lm = make_lm("attention-learned", mlp_expand=0)
+    per_layer = D_MODEL + 3 * D_MODEL**2 + D_MODEL**2  # norm, qkv, out_proj
+    embeddings = VOCAB * D_MODEL + 16 * D_MODEL  # tokens, positions (max_seqlen=16)
+    assert lm.num_params() == embeddings + 2 * per_layer + D_MODEL + D_MODEL * VOCAB
+
+
+def test_init_keeps_mixer_special_inits():
+    lm = make_lm("mamba1-learned-mlp")
+    for block in lm.blocks:
+        dt = F.softplus(block.mixer.dt_proj.bias.detach())
+        assert (dt >= 1e-4).all() and (dt <= 0.1 + 1e-6).all()  # not zeroed by the generic init
+        torch.testing.assert_close(block.mixer.A_log[0].exp(), torch.arange(1.0, 5.0))
+    assert lm.embedding.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_training_reduces_loss(name):
+    lm = make_lm(name)
+    ids = token_ids(seed=2)
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(10):
+        loss = F.cross_entropy(lm(ids[:, :-1]).flatten(0, 1), ids[:, 1:].flatten())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+
+
+def test_hydra_flat_config():
+    cfg = OmegaConf.create(
+        dict(_target_="models.lm.LM", vocab_size=VOCAB, d_model=D_MODEL, n_layers=3, mixer="hybrid", attn_layers=[2])
+    )
+    cfg.headdim = 8
+    cfg.d_state = 32  # flat overrides, as `model.d_state=32` on the command line
+    lm = instantiate(cfg)
+    assert isinstance(lm.blocks[2].mixer, Attention) and lm.blocks[0].mixer.d_state == 32
+
+
+def test_unused_mixer_hyperparameters_are_accepted():
+    lm = LM(VOCAB, D_MODEL, 1, mixer="attention", d_state=3, headdim=5, dt_rank=7, chunk_size=9)
+    assert isinstance(lm.blocks[0].mixer, Attention)
+
+
+VALIDATION = {
+    "mixer": (dict(mixer="rnn"), r"^mixer='rnn': must be one of mamba2, attention, mamba1, hybrid$"),
+    "pos": (dict(pos="alibi"), r"^pos='alibi': must be one of none, learned, rope$"),
+    "rope-without-attention": (dict(pos="rope"), r"^pos='rope': only attention layers use RoPE"),
+    "hybrid-no-attention": (dict(mixer="hybrid"), r"^attn_layers=\(\): mixer='hybrid' needs at least one"),
+    "attn_layers-range": (dict(mixer="hybrid", attn_layers=[2]), r"^attn_layers=\[2\]: indices must be in \[0, n_"),
+    "attn_layers-repeat": (dict(mixer="hybrid", attn_layers=[1, 1]), r"^attn_layers=\[1, 1\]: indices must be"),
+    "attn_layers-unused": (dict(attn_layers=[0]), r"^attn_layers=\[0\]: only used with mixer='hybrid'"),
+    "d_model-float": (dict(d_model=16.0), r"^d_model=16.0: must be a positive integer$"),
+    "n_layers-0": (dict(n_layers=0), r"^n_layers=0: must be a positive integer$"),
+    "mlp_expand": (dict(mlp_expand=-1), r"^mlp_expand=-1: must be an integer >= 0"),
+    "headdim": (dict(headdim=12), r"^headdim=12: must divide d_inner=expand\*d_model=32$"),
+    "n_heads": (dict(mixer="attention", n_heads=3), r"^n_heads=3: must divide d_model=16$"),
+}
+
+
+@pytest.mark.parametrize("kwargs, match", list(VALIDATION.values()), ids=list(VALIDATION))
+def test_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        LM(**{**dict(vocab_size=VOCAB, d_model=D_MODEL, n_layers=2), **kwargs})
+
+
+def test_unknown_kwarg_is_a_type_error():
+    with pytest.raises(TypeError):
+        LM(VOCAB, D_MODEL, 2, d_stat=8)

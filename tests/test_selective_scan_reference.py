@@ -1,0 +1,223 @@
+"""The parallel selective-scan reference against the per-token fp64 oracle: outputs, last states
+and every gradient; the one-token state update; stability; dtypes; dispatch."""
+
+import re
+import sys
+import types
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kernels.selective_scan import selective_scan, selective_state_update
+from kernels.selective_scan.reference import selective_scan_naive, selective_scan_ref
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@dataclass(frozen=True)
+class Case:
+    b: int
+    d: int
+    l: int
+    n: int
+    g: int | None  # None: B, C of shape (b, n, l); else (b, g, n, l)
+    z: bool = False
+    D: bool = False
+    bias: bool = False
+    softplus: bool = False
+
+    def __str__(self):
+        flags = [name for name in ("z", "D", "bias", "softplus") if getattr(self, name)]
+        groups = "bnl" if self.g is None else f"g{self.g}"
+        return "-".join([f"b{self.b}-d{self.d}-l{self.l}-n{self.n}-{groups}", *flags])
+
+
+def make_inputs(case: Case, dtype=torch.float64, seed=0) -> dict[str, torch.Tensor]:
+    """Leaf tensors that require grad; Δ stays small enough that states carry over many tokens."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    def uniform(lo, hi, *shape):
+        return lo + (hi - lo) * torch.rand(*shape, generator=gen, dtype=torch.float64)
+
+    b, d, l, n = case.b, case.d, case.l, case.n
+    group_shape = (b, n, l) if case.g is None else (b, case.g, n, l)
+    t = dict(
+        u=randn(b, d, l),
+        # softplus(−2 + noise) ≈ 0.13: raw delta is then a pre-activation, otherwise already Δ itself.
+        delta=randn(b, d, l) - 2 if case.softplus else uniform(0.01, 0.3, b, d, l),
+        A=-uniform(0.1, 2.0, d, n),
+        B=randn(*group_shape),
+        C=randn(*group_shape),
+    )
+    if case.D:
+        t["D"] = randn(d)
+    if case.z:
+        t["z"] = randn(b, d, l)
+    if case.bias:
+        t["delta_bias"] = 0.5 * randn(d) if case.softplus else uniform(0.0, 0.05, d)
+    return {k: v.to(dtype).requires_grad_() for k, v in t.items()}
+
+
+def run_both(case: Case, inputs: dict):
+    kwargs = dict(inputs, delta_softplus=case.softplus, return_last_state=True)
+    return selective_scan_ref(**kwargs), selective_scan_naive(**kwargs)
+
+
+CASES = [
+    Case(2, 8, 300, 4, None, z=True, D=True, bias=True, softplus=True),
+    Case(2, 6, 129, 8, 3, z=True, bias=True),
+    Case(1, 4, 64, 16, None),
+    Case(2, 8, 7, 4, 2, D=True, softplus=True),
+    Case(3, 4, 1, 4, 4, z=True, D=True, bias=True, softplus=True),
+    Case(2, 4, 2, 3, 1, D=True),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_ref_matches_naive_outputs_and_all_gradients(case):
+    inputs = make_inputs(case)
+    (y, last), (y_naive, last_naive) = run_both(case, inputs)
+    assert rel_err(y, y_naive) < 1e-12
+    assert rel_err(last, last_naive) < 1e-12
+
+    gen = torch.Generator().manual_seed(1)
+    dy = torch.randn(y.shape, generator=gen, dtype=y.dtype)
+    dlast = torch.randn(last.shape, generator=gen, dtype=last.dtype)
+    names = list(inputs)
+    leaves = [inputs[k] for k in names]
+    grads = torch.autograd.grad((y, last), leaves, (dy, dlast), allow_unused=True, materialize_grads=True)
+    grads_naive = torch.autograd.grad((y_naive, last_naive), leaves, (dy, dlast))
+    for name, grad, grad_naive in zip(names, grads, grads_naive):
+        if name == "A" and case.l == 1:  # from h = 0, one token never sees the decay
+            assert grad.norm() == grad_naive.norm() == 0
+            continue
+        assert grad_naive.norm() > 0, name
+        assert rel_err(grad, grad_naive) < 1e-10, name
+
+
+@pytest.mark.parametrize("case", CASES[:3], ids=str)
+def test_ref_fp32_is_close_to_fp64_oracle(case):
+    inputs = make_inputs(case)
+    _, (y_naive, last_naive) = run_both(case, inputs)
+    inputs32 = {k: v.detach().float() for k, v in inputs.items()}
+    y, last = selective_scan_ref(delta_softplus=case.softplus, return_last_state=True, **inputs32)
+    assert y.dtype == last.dtype == torch.float32
+    assert rel_err(y, y_naive) < 1e-5
+    assert rel_err(last, last_naive) < 1e-5
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[1]], ids=str)
+def test_state_update_step_by_step_equals_scan(case):
+    t = {k: v.detach().float() for k, v in make_inputs(case).items()}
+    y, last = selective_scan(delta_softplus=case.softplus, return_last_state=True, **t)
+    state = torch.zeros(case.b, case.d, case.n)
+    ys = []
+    for i in range(case.l):
+        ys.append(
+            selective_state_update(
+                state, t["u"][..., i], t["delta"][..., i], t["A"], t["B"][..., i], t["C"][..., i],
+                D=t.get("D"), z=None if "z" not in t else t["z"][..., i], dt_bias=t.get("delta_bias"),
+                dt_softplus=case.softplus,
+            )
+        )
+    assert rel_err(torch.stack(ys, dim=-1), y) < 1e-5
+    assert rel_err(state, last) < 1e-5  # updated in place
+
+
+@pytest.mark.parametrize("softplus", [False, True], ids=["delta", "softplus"])
+def test_long_sequence_large_delta_is_finite_and_accurate(softplus):
+    """Δ up to ~10 with A down to −16: decays of exp(−160) per token, far below fp32's range."""
+    b, d, l, n = 1, 8, 2048, 8
+    gen = torch.Generator().manual_seed(0)
+    u = torch.randn(b, d, l, generator=gen)
+    delta = 10 * torch.rand(b, d, l, generator=gen)
+    A = -(1 + 15 * torch.rand(d, n, generator=gen))
+    B, C = torch.randn(2, b, n, l, generator=gen)
+    leaves = [t.requires_grad_() for t in (u, delta, A, B, C)]
+    y, last = selective_scan_ref(u, delta, A, B, C, delta_softplus=softplus, return_last_state=True)
+    grads = torch.autograd.grad((y, last), leaves, (torch.randn_like(y), torch.randn_like(last)))
+    assert all(t.isfinite().all() for t in (y, last, *grads))
+    with torch.no_grad():
+        y_naive = selective_scan_naive(*(t.double() for t in leaves), delta_softplus=softplus)
+    assert rel_err(y, y_naive) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_input_dtypes(dtype):
+    """Low-precision inputs (A, D, delta_bias kept fp32 as the models keep them): y in u's dtype,
+    last state fp32, close to the fp64 oracle run on the same rounded inputs."""
+    case = Case(2, 8, 70, 4, 2, z=True, D=True, bias=True, softplus=True)
+    t = {k: v.detach() for k, v in make_inputs(case).items()}
+    t = {k: v.to(dtype if k in ("u", "delta", "B", "C", "z") else torch.float32) for k, v in t.items()}
+    y, last = selective_scan(delta_softplus=True, return_last_state=True, **t)
+    assert y.dtype == dtype and last.dtype == torch.float32
+    y_naive, last_naive = selective_scan_naive(
+        delta_softplus=True, return_last_state=True, **{k: v.double() for k, v in t.items()}
+    )
+    # One rounding of y to the output dtype, plus fp32 accumulation.
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert rel_err(y, y_naive) < tol
+    assert rel_err(last, last_naive) < 1e-5
+    u = t["u"].requires_grad_()
+    selective_scan(delta_softplus=True, **t).float().sum().backward()
+    assert u.grad.dtype == dtype and u.grad.isfinite().all()
+
+
+def tiny_inputs():
+    return {k: v.detach().float() for k, v in make_inputs(Case(1, 4, 8, 4, None)).items()}
+
+
+def tiny_token(t):
+    return dict(x=t["u"][..., 0], dt=t["delta"][..., 0], A=t["A"], B=t["B"][..., 0], C=t["C"][..., 0])
+
+
+def test_unknown_backend_is_an_error():
+    t = tiny_inputs()
+    message = re.escape("backend='foo': must be one of 'auto', 'torch', 'triton'")
+    with pytest.raises(ValueError, match=message):
+        selective_scan(backend="foo", **t)
+    with pytest.raises(ValueError, match=message):
+        selective_state_update(torch.zeros(1, 4, 4), **tiny_token(t), backend="foo")
+
+
+def test_groups_must_divide_dim():
+    t = tiny_inputs()
+    t["B"] = t["C"] = torch.randn(1, 3, 4, 8)
+    with pytest.raises(ValueError, match=r"^ngroups=3: must divide dim=4$"):
+        selective_scan(**t)
+
+
+def test_auto_on_cpu_uses_torch(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("the Triton backend was called")
+
+    poisoned = types.SimpleNamespace(selective_scan_triton=fail, selective_state_update_triton=fail)
+    monkeypatch.setitem(sys.modules, "kernels.selective_scan.triton", poisoned)
+    t = tiny_inputs()
+    assert torch.equal(selective_scan(**t), selective_scan_ref(**t))
+    selective_state_update(torch.zeros(1, 4, 4), **tiny_token(t))
+
+
+def test_triton_backend_gets_every_argument(monkeypatch):
+    calls = []
+    fake = types.SimpleNamespace(
+        selective_scan_triton=lambda *args, **kwargs: calls.append((args, kwargs)),
+        selective_state_update_triton=lambda *args, **kwargs: calls.append((args, kwargs)),
+    )
+    monkeypatch.setitem(sys.modules, "kernels.selective_scan.triton", fake)
+    t = tiny_inputs()
+    selective_scan(backend="triton", delta_softplus=True, return_last_state=True, **t)
+    selective_state_update(
+        "state", "x", "dt", "A", "B", "C", D="D", z="z", dt_bias="bias", dt_softplus=True, backend="triton"
+    )
+    (scan_args, scan_kwargs), (update_args, update_kwargs) = calls
+    assert scan_args == (t["u"], t["delta"], t["A"], t["B"], t["C"])
+    assert scan_kwargs == dict(D=None, z=None, delta_bias=None, delta_softplus=True, return_last_state=True)
+    assert update_args == ("state", "x", "dt", "A", "B", "C")
+    assert update_kwargs == dict(D="D", z="z", dt_bias="bias", dt_softplus=True)

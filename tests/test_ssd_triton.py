@@ -1,0 +1,249 @@
+"""The Triton SSD (`kernels/ssd/triton.py`) against its PyTorch twin `ssd_scan_ref` run in fp64 on the
+same (rounded) inputs: outputs, final states and every gradient, over shapes with l % Q ≠ 0, g > 1
+and each input dtype; the decode step; strided inputs; CUDA-graph capture.
+
+Unmarked tests run at tiny shapes on the CPU under TRITON_INTERPRET=1 (as CI runs them) or on a GPU;
+tests marked `gpu` run at real shapes. Error is ‖out − ref‖ / ‖ref‖. Bounds per input dtype:
+fp32 2e-3 on the GPU (its fp32 dots run in tf32, ~1e-3) and 1e-5 in the interpreter, bf16 2e-2
+(operands of every matrix product rounded to bf16, as the tensor cores take them), fp16 5e-3. The
+gradients of A, dt_bias and D are sums over batch and time of terms of both signs, so their relative
+error grows with the cancellation: 5e-2 for bf16, 1e-2 for fp16.
+"""
+
+import os
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from kernels.ssd import ssd_scan
+from kernels.ssd.reference import ssd_scan_ref, ssd_step_ref
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+if not (INTERPRET or torch.cuda.is_available()):
+    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+
+from kernels.ssd.triton import ssd_scan_triton, ssd_step_triton  # noqa: E402
+
+DEVICE = "cpu" if INTERPRET else "cuda"
+FP32_TOL = 1e-5 if INTERPRET else 2e-3  # the interpreter's fp32 dots are exact fp32, the GPU's tf32
+TOL = {torch.float32: FP32_TOL, torch.bfloat16: 2e-2, torch.float16: 5e-3}
+TOL_SUMMED = {torch.float32: FP32_TOL, torch.bfloat16: 5e-2, torch.float16: 1e-2}
+PER_TOKEN = ("x", "dt", "B", "C", "z")  # in the input dtype; A, D, dt_bias and states stay fp32
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@dataclass(frozen=True)
+class Case:
+    b: int
+    l: int
+    h: int
+    p: int
+    n: int
+    g: int
+    Q: int
+    dtype: torch.dtype = torch.float32
+    z: bool = False
+    D: str | None = None  # "h": D (h,), "hp": D (h, p)
+    bias: bool = False
+    softplus: bool = False
+    h0: bool = False
+
+    def __str__(self):
+        flags = [name for name in ("z", "bias", "softplus", "h0") if getattr(self, name)]
+        flags += [f"D{self.D}"] if self.D else []
+        dims = f"b{self.b}-l{self.l}-h{self.h}-p{self.p}-n{self.n}-g{self.g}-Q{self.Q}"
+        return "-".join([dims, str(self.dtype).removeprefix("torch."), *flags])
+
+
+def make_inputs(case: Case, seed: int = 0, dt_scale: float = 1.0) -> dict[str, torch.Tensor]:
+    """Leaf tensors on DEVICE; Δ ≈ 0.13 (softplus of −2 + noise) or uniform in (0.01, 0.3), times dt_scale."""
+    gen = torch.Generator().manual_seed(seed)
+    b, l, h, p, n, g = case.b, case.l, case.h, case.p, case.n, case.g
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen)
+
+    t = dict(
+        x=randn(b, l, h, p),
+        dt=(randn(b, l, h) - 2) if case.softplus else 0.01 + 0.29 * torch.rand(b, l, h, generator=gen),
+        A=-(0.1 + 1.9 * torch.rand(h, generator=gen)),
+        B=randn(b, l, g, n),
+        C=randn(b, l, g, n),
+    )
+    t["dt"] = t["dt"] * dt_scale
+    if case.D:
+        t["D"] = randn(h) if case.D == "h" else randn(h, p)
+    if case.z:
+        t["z"] = randn(b, l, h, p)
+    if case.bias:
+        t["dt_bias"] = 0.5 * randn(h)
+    if case.h0:
+        t["initial_states"] = randn(b, h, p, n)
+    return {k: v.to(DEVICE, case.dtype if k in PER_TOKEN else torch.float32).requires_grad_() for k, v in t.items()}
+
+
+def check_against_ref(case: Case, inputs: dict, scan=ssd_scan_triton, tol: float | None = None):
+    """Triton vs fp64 reference: y and final state, then the gradient of every input."""
+    kwargs = dict(chunk_size=case.Q, dt_softplus=case.softplus, return_final_states=True)
+    y, final = scan(**inputs, **kwargs)
+    inputs64 = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    y_ref, final_ref = ssd_scan_ref(**inputs64, **kwargs)
+    assert y.dtype == case.dtype and final.dtype == torch.float32
+    tol = tol or TOL[case.dtype]
+    assert y.isfinite().all() and rel_err(y, y_ref) < tol
+    assert rel_err(final, final_ref) < tol
+
+    gen = torch.Generator().manual_seed(1)
+    dy = torch.randn(y.shape, generator=gen).to(DEVICE)
+    dfinal = torch.randn(final.shape, generator=gen).to(DEVICE)
+    names = list(inputs)
+    grads = torch.autograd.grad((y, final), [inputs[k] for k in names], (dy.to(y.dtype), dfinal))
+    grads_ref = torch.autograd.grad((y_ref, final_ref), [inputs64[k] for k in names], (dy.double(), dfinal.double()))
+    errors = {"y": rel_err(y, y_ref), "final": rel_err(final, final_ref)}
+    errors |= {f"d{name}": rel_err(grad, grad_ref) for name, grad, grad_ref in zip(names, grads, grads_ref)}
+    print(case, " ".join(f"{k}={v:.1e}" for k, v in errors.items()))  # shown by pytest -s or on failure
+    for name, grad in zip(names, grads):
+        assert grad.dtype == inputs[name].dtype and grad.shape == inputs[name].shape, name
+        assert grad.isfinite().all(), name
+        bound = max(tol, TOL_SUMMED[case.dtype]) if name in ("A", "dt_bias", "D") else tol
+        assert errors[f"d{name}"] < bound, name
+
+
+TINY = [
+    Case(2, 40, 4, 16, 16, 2, 16, z=True, D="h", bias=True, softplus=True, h0=True),
+    Case(1, 32, 3, 16, 16, 1, 16),
+    Case(2, 24, 4, 16, 16, 1, 16, torch.bfloat16, z=True, D="hp", bias=True, softplus=True, h0=True),
+    Case(1, 20, 2, 16, 32, 2, 32, torch.float16, z=True, D="h", softplus=True, h0=True),
+]
+
+
+@pytest.mark.parametrize("case", TINY, ids=str)
+def test_matches_reference(case):
+    check_against_ref(case, make_inputs(case))
+
+
+def test_dispatch_reaches_triton():
+    case = TINY[1]
+    check_against_ref(case, make_inputs(case, seed=3), scan=lambda **kw: ssd_scan(**kw, backend="triton"))
+
+
+def test_large_dt_is_finite_and_accurate():
+    """Δ of tens with A down to −2: log-decays near −40 a token, far below exp's fp32 range over a
+    chunk. The decay between two tokens is exp(cs_t − cs_s), a difference of cumulative sums of
+    order 10³, which keeps only ~1e-4 of absolute precision in fp32: hence the looser bound."""
+    case = Case(1, 96, 2, 16, 16, 1, 32, z=True, D="h", bias=True, softplus=True, h0=True)
+    check_against_ref(case, make_inputs(case, dt_scale=-10.0), tol=5e-3)  # softplus(−10·(noise − 2)) ≈ 20
+
+
+def test_strided_inputs_equal_contiguous():
+    """x, B, C, dt as views into one packed projection, as the Mamba-2 block makes them."""
+    b, l, h, p, g, n = 2, 24, 2, 16, 1, 16
+    gen = torch.Generator().manual_seed(4)
+    packed = torch.randn(b, l, h * p + 2 * g * n + h, generator=gen).to(DEVICE)
+    x, B, C, dt = packed.split([h * p, g * n, g * n, h], dim=-1)
+    x, B, C = x.unflatten(-1, (h, p)), B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n))
+    A = -torch.rand(h, generator=gen).to(DEVICE) - 0.5
+    args = dict(chunk_size=16, dt_bias=torch.zeros(h, device=DEVICE), dt_softplus=True)
+    y = ssd_scan_triton(x, dt, A, B, C, **args)
+    y_contiguous = ssd_scan_triton(*(t.contiguous() for t in (x, dt, A, B, C)), **args)
+    assert torch.equal(y, y_contiguous)
+
+
+def test_step_by_step_equals_scan():
+    """Decoding token by token from the initial state gives the chunked forward's outputs and final
+    state, and each step agrees with the reference step."""
+    case = Case(2, 12, 4, 16, 16, 2, 16, z=True, D="h", bias=True, softplus=True, h0=True)
+    t = {k: v.detach() for k, v in make_inputs(case).items()}
+    y, final = ssd_scan_triton(chunk_size=case.Q, dt_softplus=True, return_final_states=True, **t)
+    state = t.pop("initial_states").clone()
+    state_ref = state.clone()
+    constant = {k: t[k] for k in ("A", "D", "dt_bias")}
+    ys = []
+    for i in range(case.l):
+        token = {k: t[k][:, i] for k in PER_TOKEN}
+        ys.append(ssd_step_triton(state, **token, **constant, dt_softplus=True))
+        y_ref = ssd_step_ref(state_ref, **token, **constant, dt_softplus=True)
+        assert rel_err(ys[-1], y_ref) < 1e-5
+    assert rel_err(state, state_ref) < 1e-5
+    assert rel_err(torch.stack(ys, dim=1), y) < TOL[case.dtype]
+    assert rel_err(state, final) < TOL[case.dtype]
+
+
+def test_bad_sizes_are_errors():
+    t = {k: v.detach() for k, v in make_inputs(Case(1, 8, 2, 16, 16, 1, 16)).items()}
+    with pytest.raises(ValueError, match=r"^chunk_size=0: must be a positive integer$"):
+        ssd_scan_triton(chunk_size=0, **t)
+    with pytest.raises(ValueError, match=r"^ngroups=3: must divide nheads=2$"):
+        ssd_scan_triton(chunk_size=16, **(t | dict(B=t["B"].expand(1, 8, 3, 16), C=t["C"].expand(1, 8, 3, 16))))
+    with pytest.raises(ValueError, match=r"^dt: shape \(1, 8, 3\), expected \(1, 8, 2\)$"):
+        ssd_scan_triton(chunk_size=16, **(t | dict(dt=torch.rand(1, 8, 3))))
+
+
+GPU_CASES = [
+    Case(2, 1024, 4, 64, 64, 1, 256, torch.bfloat16, z=True, D="h", bias=True, softplus=True, h0=True),
+    Case(2, 1024, 4, 64, 64, 1, 256, torch.float32, z=True, D="h", bias=True, softplus=True, h0=True),
+    Case(1, 777, 8, 32, 128, 2, 128, torch.float16, z=True, D="hp", bias=True, softplus=True, h0=True),
+    Case(2, 500, 6, 64, 64, 3, 64, torch.bfloat16, D="h", bias=True, softplus=True),
+    Case(3, 300, 16, 64, 128, 1, 256, torch.bfloat16, z=True, D="h", bias=True, softplus=True),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", GPU_CASES, ids=str)
+def test_matches_reference_gpu(case):
+    check_against_ref(case, make_inputs(case))
+
+
+@pytest.mark.gpu
+def test_long_sequence_large_dt_gpu():
+    case = Case(1, 8192, 2, 64, 128, 1, 256, torch.bfloat16, D="h", bias=True, softplus=True, h0=True)
+    check_against_ref(case, make_inputs(case, dt_scale=-5.0), tol=5e-2)  # softplus(−5·(noise − 2)) ≈ 10
+
+
+@pytest.mark.gpu
+def test_step_by_step_equals_scan_gpu():
+    case = Case(2, 64, 8, 64, 128, 2, 32, z=True, D="hp", bias=True, softplus=True, h0=True)
+    t = {k: v.detach() for k, v in make_inputs(case).items()}
+    y, final = ssd_scan_triton(chunk_size=case.Q, dt_softplus=True, return_final_states=True, **t)
+    state = t.pop("initial_states").clone()
+    constant = {k: t[k] for k in ("A", "D", "dt_bias")}
+    ys = [ssd_step_triton(state, **{k: t[k][:, i] for k in PER_TOKEN}, **constant, dt_softplus=True)
+          for i in range(case.l)]
+    assert rel_err(torch.stack(ys, dim=1), y) < TOL[case.dtype]
+    assert rel_err(state, final) < TOL[case.dtype]
+
+
+@pytest.mark.gpu
+def test_forward_backward_capture_in_cuda_graph():
+    """No host syncs: forward and backward replay from a CUDA graph with fresh inputs."""
+    case = Case(2, 300, 4, 64, 64, 1, 128, torch.bfloat16, z=True, D="h", bias=True, softplus=True, h0=True)
+    static = make_inputs(case)
+    names = list(static)
+    dy = torch.randn(case.b, case.l, case.h, case.p, device=DEVICE, dtype=case.dtype)
+
+    def step():
+        y = ssd_scan_triton(**static, chunk_size=case.Q, dt_softplus=True)
+        return (y, *torch.autograd.grad(y, [static[k] for k in names], dy))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile and autotune outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+
+    fresh = make_inputs(case, seed=7)
+    with torch.no_grad():
+        for k in names:
+            static[k].copy_(fresh[k])
+    graph.replay()
+    eager = step()
+    for name, a, b in zip(["y", *names], outs, eager):
+        assert torch.equal(a, b), name
