@@ -14,7 +14,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.optim.lr_scheduler import CosineAnnealingLR, LinearLR, SequentialLR
+from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import MeanMetric
 
 
@@ -22,18 +22,22 @@ def warmup_cosine(optimizer, total_steps, warmup_frac=0.1, min_lr_ratio=0.0):
     """Linear warmup over `warmup_frac` of the steps, then cosine decay to `min_lr_ratio`·lr.
 
     warmup_frac=0, min_lr_ratio=1 gives a constant learning rate (the Mamba paper's synthetic runs).
+    One LambdaLR whatever the settings, so a run resumed with another length (say more epochs)
+    loads its scheduler state and continues on the new schedule from the step it reached.
     """
     if not 0 <= warmup_frac < 1:
         raise ValueError(f"warmup_frac={warmup_frac!r}: must be in [0, 1)")
     if not 0 <= min_lr_ratio <= 1:
         raise ValueError(f"min_lr_ratio={min_lr_ratio!r}: must be in [0, 1]")
     warmup = int(warmup_frac * total_steps)
-    lr = optimizer.defaults["lr"]
-    cosine = CosineAnnealingLR(optimizer, T_max=max(1, total_steps - warmup), eta_min=min_lr_ratio * lr)
-    if warmup == 0:
-        return cosine
-    ramp = LinearLR(optimizer, start_factor=1.0 / warmup, end_factor=1.0, total_iters=warmup)
-    return SequentialLR(optimizer, [ramp, cosine], milestones=[warmup])
+
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return LambdaLR(optimizer, factor)
 
 
 class LitLM(L.LightningModule):
