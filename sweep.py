@@ -1,0 +1,52 @@
+"""Optuna sweeps over train configs: a grid of cells, a learning-rate search inside each.
+
+    python sweep.py sweep=smoke                            # run (or resume) the study
+    python sweep.py sweep=mamba2_fig8 sweep.storage=postgresql://user@host/db   # one more worker
+    python sweep.py sweep=mamba2_fig8 action=report        # figure (PNG) + table (CSV)
+    python sweep.py sweep=zoology_fig2 trainer.max_epochs=8 sweep.study_name=zoology_fig2_short
+    optuna-dashboard sqlite:///runs/sweeps/smoke/study.db  # live view
+
+Arguments `sweep...` and `action=...` configure the sweep (conf/sweep.yaml, conf/sweep/*.yaml);
+every other argument is a train override (as for run.py) added to every trial of the study.
+Start the same command in several processes or on several machines (with a shared storage) to add
+workers; each cell is trained once. A mistake in the configuration is reported in one line with
+exit status 2, before anything trains.
+"""
+import sys
+
+import run
+from sweeps import driver, report
+from sweeps.spec import load, split_args
+
+
+def main(argv=None, train=run.train):
+    """`train(cfg, callbacks=...) -> metrics` trains one trial (tests pass a cheap stand-in)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return
+    flags = [a for a in argv if a.startswith("-")]
+    if flags:
+        run.exit_user_error(f"{flags[0]}: sweep.py takes no flags, only key=value overrides")
+    sweep_args, train_args = split_args(argv)
+
+    def check(cfg):
+        sweep = load(cfg, train_args)
+        if cfg.action == "run":
+            driver.check_cells(sweep)
+
+    run.preflight(sweep_args, config_name="sweep", check=check)
+    cfg = run.compose(sweep_args, config_name="sweep")
+    try:
+        sweep = load(cfg, train_args)
+        if cfg.action == "run":
+            driver.work(sweep, train=train)
+        else:
+            for path in report.write(sweep):
+                print(path)
+    except run.ConfigError as e:  # the storage cannot be opened, or the study has other settings
+        run.exit_user_error(str(e))
+
+
+if __name__ == "__main__":
+    main()

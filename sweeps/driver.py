@@ -1,0 +1,158 @@
+"""The sweep worker: take a waiting slot, train it with `run.train`, tell Optuna, repeat.
+
+Start the same command in as many processes / machines as you like: each is one more worker on
+the same study (see sweeps/study.py for why every slot is trained exactly once). A worker leaves
+when no slot waits and no other worker's trial is still running: while one runs, its worker might
+die, and the trial then comes back as a retry.
+"""
+import gc
+import itertools
+import math
+import shutil
+import time
+
+import optuna
+import torch
+
+import run
+from sweeps import study as studies
+from sweeps.callbacks import FiniteLoss, OptunaPruning
+from sweeps.extrapolate import evaluate_lengths
+from sweeps.spec import Sweep, cell_name
+
+
+def check_cells(sweep: Sweep, check=run.build):
+    """Compose and build the cells so that a misspelled key or an impossible combination fails
+    before anything trains.
+
+    Every combination of the axes that shape the model and data is checked; an axis that only sets
+    `optimizer.*` / `scheduler.*` values (the learning rates) is checked value by value, and the
+    searched parameters at one value each. Models are built on the meta device (no memory, no init).
+    """
+    probe = {k: _first(d) for k, d in sweep.search.items()}
+    shaping = [a for a in sweep.axes if not _optimiser_only(a)]
+    cells = [dict(zip([a.name for a in shaping], labels))
+             for labels in itertools.product(*(a.labels for a in shaping))]
+    first = {a.name: a.labels[0] for a in sweep.axes}
+    cells = [{**first, **c} for c in cells]
+    cells += [{**cells[0], a.name: label} for a in sweep.axes if _optimiser_only(a) for label in a.labels[1:]]
+    for cell in cells:
+        overrides = sweep.overrides({**cell, **probe})
+        where = f".grid[{cell_name(cell)}]" if cell else ".search"
+        try:
+            cfg = run.compose([*overrides, "run_dir=."])
+        except Exception as e:  # Hydra's own error types: turned into run.py's one-line message
+            raise run.ConfigError(f"sweep{where}: {run._describe_compose_error(e, overrides)}") from None
+        try:
+            with run.config_errors(""), torch.device("meta"):
+                check(cfg)
+        except run.ConfigError as e:
+            raise run.ConfigError(f"sweep{where}: {e}") from None
+
+
+def _optimiser_only(axis) -> bool:
+    return all(o.startswith(("optimizer.", "scheduler.")) for over in axis.overrides.values() for o in over)
+
+
+def _first(distribution):
+    if isinstance(distribution, optuna.distributions.CategoricalDistribution):
+        return distribution.choices[0]
+    return distribution.low
+
+
+def suggest(trial: optuna.Trial, sweep: Sweep) -> dict:
+    """The trial's parameters: the grid cell (fixed when it was enqueued), then the searched ones."""
+    params = {axis.name: trial.suggest_categorical(axis.name, list(axis.labels)) for axis in sweep.axes}
+    for name, dist in sweep.search.items():
+        if isinstance(dist, optuna.distributions.CategoricalDistribution):
+            params[name] = trial.suggest_categorical(name, dist.choices)
+        elif isinstance(dist, optuna.distributions.IntDistribution):
+            params[name] = trial.suggest_int(name, dist.low, dist.high, log=dist.log)
+        else:
+            params[name] = trial.suggest_float(name, dist.low, dist.high, log=dist.log)
+    return params
+
+
+def _quoted(path) -> str:
+    """A path as a quoted Hydra override value (trial directories contain '=' and ',')."""
+    return "'" + str(path).replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
+
+
+def run_trial(study: optuna.Study, trial: optuna.Trial, sweep: Sweep, train) -> None:
+    """Train one trial and tell the study how it ended (COMPLETE, PRUNED or FAIL with a reason)."""
+    params = suggest(trial, sweep)
+    run_dir = sweep.run_dir(trial.user_attrs["slot"], params)
+    # The slot is this trial's alone: anything in its directory is an interrupted earlier attempt.
+    shutil.rmtree(run_dir, ignore_errors=True)
+    trial.set_user_attr("run_dir", str(run_dir))
+    callbacks = [FiniteLoss()]
+    if sweep.pruner is not None:
+        callbacks.append(OptunaPruning(trial, sweep.pruner["monitor"]))
+    print(f"[sweep {sweep.study_name}] trial {trial.number} {trial.user_attrs['slot']} -> {run_dir}",
+          flush=True)
+    try:
+        cfg = run.compose([*sweep.overrides(params), f"run_dir={_quoted(run_dir)}"])
+        metrics = dict(train(cfg, callbacks=callbacks))
+        if sweep.eval is not None:
+            metrics.update(evaluate_lengths(cfg, run_dir / "checkpoints" / "best.ckpt", sweep.eval))
+        value = metrics.get(sweep.objective)
+        if not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ValueError(f"{sweep.objective}={value!r}: the objective is missing or not finite")
+    except optuna.TrialPruned as e:
+        trial.set_user_attr("prune_reason", str(e))
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return
+    except Exception as e:  # NaN loss, out of memory, a bug: recorded, and the sweep goes on
+        trial.set_user_attr("fail_reason", _reason(e))
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        print(f"[sweep {sweep.study_name}] trial {trial.number} failed: {_reason(e)}", flush=True)
+        return
+    finally:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    for key, v in metrics.items():
+        trial.set_user_attr(key, v)
+    study.tell(trial, value)
+
+
+def work(sweep: Sweep, train=run.train, poll_s: float | None = None) -> None:
+    """Run trials of `sweep` until its queue is empty and no other worker is mid-trial.
+
+    `train(cfg, callbacks=[...]) -> metrics` trains one trial (tests pass a cheap stand-in).
+    """
+    sampler, pruner = studies.sampler_and_pruner(sweep)
+    study, storage = studies.open_study(sweep, sampler, pruner)
+    added = studies.enqueue_missing(study, sweep)
+    print(f"[sweep {sweep.study_name}] {len(sweep.slots())} slots, {added} newly enqueued; storage "
+          f"{studies.shown(sweep.storage)}", flush=True)
+    poll_s = poll_s if poll_s is not None else min(10.0, sweep.heartbeat_interval)
+    while True:
+        studies.fail_stale(study, sweep)
+        trial = studies.pop(study, storage, sweep)
+        if trial is None:
+            if not studies.others_running(study):
+                break
+            time.sleep(poll_s)  # another worker is mid-trial; should it die, its retry comes here
+            continue
+        # Trial has no public id; the storage API needs it.
+        with studies.heartbeat(storage, trial._trial_id, sweep.heartbeat_interval):
+            owner = studies.duplicate_of(study, trial)
+            if owner is not None:
+                trial.set_user_attr("duplicate_of", owner)
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            run_trial(study, trial, sweep, train)
+    print(f"[sweep {sweep.study_name}] done: " + summary(study), flush=True)
+
+
+def summary(study: optuna.Study) -> str:
+    counts = {}
+    for t in study.get_trials(deepcopy=False):
+        counts[t.state.name] = counts.get(t.state.name, 0) + 1
+    return ", ".join(f"{n} {state.lower()}" for state, n in sorted(counts.items()))
