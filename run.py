@@ -29,6 +29,9 @@ from models.lit import LitLM
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 USER_ERROR_EXIT = 2
+# The top level of conf/train.yaml: an experiment preset that adds other keys belongs to another script.
+CONFIG_KEYS = ("task", "model", "trainer", "logger", "optimizer", "scheduler", "seed", "target_acc",
+               "ckpt_path", "run_dir")
 
 
 class ConfigError(ValueError):
@@ -54,6 +57,10 @@ def build(cfg: DictConfig):
 
     Returns: (datamodule, LitLM).
     """
+    extra = sorted(set(cfg) - set(CONFIG_KEYS))
+    if extra:
+        raise ConfigError(f"{extra[0]}: not a run.py setting (an experiment preset of distill.py?); "
+                          f"run.py takes {', '.join(CONFIG_KEYS)}")
     with config_errors("task"):
         datamodule = hydra.utils.instantiate(cfg.task)
     with config_errors("model"):
