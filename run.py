@@ -116,13 +116,13 @@ def train(cfg: DictConfig, callbacks=()) -> dict[str, float]:
 
     `callbacks` are extra Lightning callbacks (an Optuna pruner, say).
     """
+    L.seed_everything(cfg.seed, workers=True, verbose=False)  # before build: the model's init draws from it
     datamodule, module = build(cfg)
     run_dir = Path(cfg.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
     print(f"run dir: {run_dir.resolve()}", flush=True)
 
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.logger else False
     checkpoint, own_callbacks = _callbacks(cfg, run_dir)
     trainer = hydra.utils.instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger,

@@ -3,6 +3,7 @@ from pathlib import Path
 
 import hydra
 import pytest
+from omegaconf import OmegaConf
 
 import run
 from models.lit import LitLM
@@ -31,6 +32,21 @@ def test_experiment_builds(experiment, model):
     datamodule, module = run.build(cfg)
     assert datamodule.task.seq_len == cfg.task.seq_len
     assert module.net.num_params() > 0
+
+
+@pytest.mark.parametrize("experiment", [e for e in options("experiment") if not e.startswith("mohawk")])
+def test_experiment_settings_win_over_the_defaults(experiment):
+    """A preset's top-level settings (optimizer, scheduler, target_acc) reach the composed config."""
+    preset = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+    cfg = run.compose([f"experiment={experiment}"])
+    for key in ("optimizer", "scheduler", "target_acc", "seed"):
+        if key not in preset:
+            continue
+        if OmegaConf.is_dict(preset[key]):
+            for name, value in preset[key].items():
+                assert cfg[key][name] == value, f"{key}.{name}"
+        else:
+            assert cfg[key] == preset[key], key
 
 
 @pytest.mark.parametrize("trainer", options("trainer"))

@@ -55,3 +55,13 @@ def test_sliced_and_extrapolation_metrics(tmp_path):
     metrics = run.train(cfg)
     assert "test@seq_len=64/acc" in metrics and "test/acc" in metrics
     assert 0.0 <= metrics["test@seq_len=64/acc"] <= 1.0
+
+
+def test_same_seed_same_run_and_the_seed_matters(tmp_path):
+    """The seed fixes the model's init and the data order: a rerun gives bit-identical metrics."""
+    base = [*MQAR, "task.num_train=640", "model=attention", "model.d_model=32", "trainer.max_epochs=1",
+            "target_acc=null"]
+    first, again, other = (run.train(tiny(tmp_path / name, *base, f"seed={seed}"))
+                           for name, seed in [("a", 0), ("b", 0), ("c", 1)])
+    assert first["test/loss"] == again["test/loss"]
+    assert first["test/loss"] != other["test/loss"]
