@@ -33,6 +33,7 @@ from models.lit import LitLM
 from models.lm import LM
 from models.mohawk import KnowledgeDistillation, LayerwiseStage, check_teacher, transfer_weights
 from run import ConfigError, config_errors
+from tasks.base import check_positive_int
 
 
 
@@ -87,11 +88,6 @@ def teacher_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
 
 
 # -- validation -----------------------------------------------------------------------------------
-def _positive_int(name, v):
-    if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-        raise ConfigError(f"{name}={v!r}: must be a positive integer")
-
-
 def _stage_list(name, stages) -> list[int]:
     stages = list(stages) if OmegaConf.is_list(stages) else stages
     if not (isinstance(stages, list) and stages and all(s in (1, 2, 3) and not isinstance(s, bool) for s in stages)
@@ -145,8 +141,9 @@ def build(cfg: DictConfig):
     else:
         raise ConfigError(f"ablation={cfg.ablation!r}: must be null or a non-empty list of stage lists, "
                           "e.g. [[3],[2,3],[1,2,3]]")
-    for name in ("total_tokens", "stage1.tokens", "stage2.tokens", "evals_per_stage"):
-        _positive_int(name, OmegaConf.select(cfg, name))
+    with config_errors(""):
+        for name in ("total_tokens", "stage1.tokens", "stage2.tokens", "evals_per_stage"):
+            check_positive_int(name, OmegaConf.select(cfg, name))
     for stages in variants:
         stage_tokens(cfg, stages)
     for group in ("stage1.optimizer", "stage2.optimizer", "stage3.optimizer"):

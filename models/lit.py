@@ -40,6 +40,25 @@ def warmup_cosine(optimizer, total_steps, warmup_frac=0.1, min_lr_ratio=0.0):
     return LambdaLR(optimizer, factor)
 
 
+def configure_optimizers(module: L.LightningModule, params, optimizer_factory, scheduler_factory=None):
+    """AdamW-style `optimizer_factory` over `params` (the trainable ones), stepped per batch by
+    `scheduler_factory(optimizer, total_steps)`; Lightning's `configure_optimizers` return value.
+
+    Norm gains, biases and the SSM's A_log / D / dt_bias are not decayed (as in mamba_ssm).
+    """
+    decay, no_decay = [], []
+    for p in params:
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+    optimizer = optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
+    if scheduler_factory is None:
+        return optimizer
+    total = module.trainer.estimated_stepping_batches
+    total = int(total) if math.isfinite(total) else module.trainer.max_steps
+    scheduler = scheduler_factory(optimizer, total)
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
 class LitLM(L.LightningModule):
     """Loss, metrics and optimiser around a network with `hidden(ids)` and `head`.
 
@@ -133,15 +152,4 @@ class LitLM(L.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
-        # Norm gains, biases and the SSM's A_log / D / dt_bias are not decayed (as in mamba_ssm).
-        decay, no_decay = [], []
-        for p in self.net.parameters():
-            if p.requires_grad:
-                (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
-        optimizer = self.optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
-        if self.scheduler_factory is None:
-            return optimizer
-        total = self.trainer.estimated_stepping_batches
-        total = int(total) if math.isfinite(total) else self.trainer.max_steps
-        scheduler = self.scheduler_factory(optimizer, total)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return configure_optimizers(self, self.net.parameters(), self.optimizer_factory, self.scheduler_factory)

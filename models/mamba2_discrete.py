@@ -36,20 +36,10 @@ class DiscreteMamba2(Mamba2):
     """
 
     def __init__(
-        self,
-        d_model: int,
-        nheads: int,
-        d_state: int = 64,
-        d_conv: int = 4,
-        expand: int = 1,
-        chunk_size: int = 256,
-        A_init_range: tuple[float, float] = (1, 16),
-        dt_min: float = 0.001,
-        dt_max: float = 0.1,
-        dt_init_floor: float = 1e-4,
-        conv_bias: bool = True,
-        bias: bool = False,
+        self, d_model: int, nheads: int, d_state: int = 64, d_conv: int = 4, expand: int = 1,
+        chunk_size: int = 256, **kwargs,
     ):
+        """kwargs: Mamba2's remaining ones (A_init_range, dt_min, dt_max, dt_init_floor, conv_bias, bias)."""
         for name, v in dict(d_model=d_model, nheads=nheads, expand=expand).items():
             if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
                 raise ValueError(f"{name}={v!r}: must be a positive integer")
@@ -57,8 +47,7 @@ class DiscreteMamba2(Mamba2):
             raise ValueError(f"nheads={nheads}: must divide d_inner=expand*d_model={expand * d_model}")
         super().__init__(
             d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=expand * d_model // nheads,
-            ngroups=nheads, chunk_size=chunk_size, A_init_range=A_init_range, dt_min=dt_min, dt_max=dt_max,
-            dt_init_floor=dt_init_floor, conv_bias=conv_bias, bias=bias,
+            ngroups=nheads, chunk_size=chunk_size, **kwargs,
         )
         del self.norm
         self.z_bias = nn.Parameter(torch.full((self.d_inner,), SILU_INV_ONE))

@@ -15,7 +15,6 @@ Each stage is a LightningModule, so Lightning's Trainer runs the loops, logging 
 `LayerwiseStage` (stages 1 and 2) and `KnowledgeDistillation` (stage 3: `LitLM` with a KD loss).
 """
 
-import math
 
 import lightning as L
 import torch
@@ -23,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import Attention
-from models.lit import LitLM
+from models.lit import LitLM, configure_optimizers
 from models.lm import LM
 from models.mamba2_discrete import DiscreteMamba2
 
@@ -140,25 +139,6 @@ def hidden_errors(teacher: LM, student: LM, ids: Tensor) -> list[tuple[Tensor, T
     return out
 
 
-def _param_groups(params):
-    """Weight decay on matrices only: norm gains, biases and A_log / D / dt_bias are not decayed."""
-    decay, no_decay = [], []
-    for p in params:
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
-    return [{"params": decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def _configure(module: L.LightningModule, params, optimizer_factory, scheduler_factory):
-    optimizer = optimizer_factory(_param_groups(params))
-    if scheduler_factory is None:
-        return optimizer
-    total = module.trainer.estimated_stepping_batches
-    total = int(total) if math.isfinite(total) else module.trainer.max_steps
-    scheduler = scheduler_factory(optimizer, total)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-
 class _FrozenTeacher:
     """Keeps `self.teacher` in eval mode when Lightning switches the module to training."""
 
@@ -206,7 +186,7 @@ class LayerwiseStage(_FrozenTeacher, L.LightningModule):
 
     def configure_optimizers(self):
         mixers = [p for block in self.student.blocks for p in block.mixer.parameters()]
-        return _configure(self, mixers, self.optimizer_factory, self.scheduler_factory)
+        return configure_optimizers(self, mixers, self.optimizer_factory, self.scheduler_factory)
 
 
 class KnowledgeDistillation(_FrozenTeacher, LitLM):

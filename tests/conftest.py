@@ -1,3 +1,7 @@
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -14,10 +18,6 @@ def pytest_collection_modifyitems(config, items):
 def assert_user_error(script: str, overrides: list[str], expected: list[str], run_dir) -> None:
     """`python script overrides` fails as a user's mistake must: exit 2, one `error: ` line on stderr
     holding every word of `expected`, no traceback, and nothing written to run_dir."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
     proc = subprocess.run([sys.executable, script, *overrides, f"hydra.run.dir={run_dir}"],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

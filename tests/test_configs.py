@@ -16,6 +16,9 @@ def options(group):
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
 
 
+RUN_EXPERIMENTS = [e for e in options("experiment") if not e.startswith("mohawk")]  # mohawk_*: distill.py's
+
+
 @pytest.mark.parametrize("model", options("model"))
 @pytest.mark.parametrize("task", options("task"))
 def test_task_model_builds(task, model):
@@ -26,7 +29,7 @@ def test_task_model_builds(task, model):
 
 
 @pytest.mark.parametrize("model", options("model"))
-@pytest.mark.parametrize("experiment", [e for e in options("experiment") if not e.startswith("mohawk")])
+@pytest.mark.parametrize("experiment", RUN_EXPERIMENTS)
 def test_experiment_builds(experiment, model):
     cfg = run.compose([f"experiment={experiment}", f"model={model}"])
     datamodule, module = run.build(cfg)
@@ -34,7 +37,7 @@ def test_experiment_builds(experiment, model):
     assert module.net.num_params() > 0
 
 
-@pytest.mark.parametrize("experiment", [e for e in options("experiment") if not e.startswith("mohawk")])
+@pytest.mark.parametrize("experiment", RUN_EXPERIMENTS)
 def test_experiment_settings_win_over_the_defaults(experiment):
     """A preset's top-level settings (optimizer, scheduler, target_acc) reach the composed config."""
     preset = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
