@@ -23,6 +23,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
+import kernels.ssd.triton as ssd_triton  # noqa: E402
 from kernels.ssd.triton import ssd_scan_triton, ssd_step_triton  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -121,9 +122,23 @@ TINY = [
 ]
 
 
+@pytest.fixture(params=["fused", "chunked"])
+def path(request, monkeypatch):
+    """Both Triton paths: one program per (b, h) over the whole sequence, or chunk-parallel kernels."""
+    monkeypatch.setattr(ssd_triton, "PATH", request.param)
+    return request.param
+
+
 @pytest.mark.parametrize("case", TINY, ids=str)
-def test_matches_reference(case):
+def test_matches_reference(case, path):
     check_against_ref(case, make_inputs(case))
+
+
+def test_auto_path_fills_the_gpu_with_fused_programs():
+    """The fused path runs b·h programs: "auto" takes it once they fill the multiprocessors."""
+    sms = ssd_triton._num_sms(torch.device(DEVICE))
+    assert ssd_triton._use_fused(sms, 1, torch.device(DEVICE))
+    assert not ssd_triton._use_fused(1, sms - 1, torch.device(DEVICE))
 
 
 def test_dispatch_reaches_triton():
@@ -131,7 +146,7 @@ def test_dispatch_reaches_triton():
     check_against_ref(case, make_inputs(case, seed=3), scan=lambda **kw: ssd_scan(**kw, backend="triton"))
 
 
-def test_large_dt_is_finite_and_accurate():
+def test_large_dt_is_finite_and_accurate(path):
     """Δ of tens with A down to −2: log-decays near −40 a token, far below exp's fp32 range over a
     chunk. The decay between two tokens is exp(cs_t − cs_s), a difference of cumulative sums of
     order 10³, which keeps only ~1e-4 of absolute precision in fp32: hence the looser bound."""
@@ -139,7 +154,7 @@ def test_large_dt_is_finite_and_accurate():
     check_against_ref(case, make_inputs(case, dt_scale=-10.0), tol=5e-3)  # softplus(−10·(noise − 2)) ≈ 20
 
 
-def test_strided_inputs_equal_contiguous():
+def test_strided_inputs_equal_contiguous(path):
     """x, B, C, dt as views into one packed projection, as the Mamba-2 block makes them."""
     b, l, h, p, g, n = 2, 24, 2, 16, 1, 16
     gen = torch.Generator().manual_seed(4)
@@ -153,7 +168,7 @@ def test_strided_inputs_equal_contiguous():
     assert torch.equal(y, y_contiguous)
 
 
-def test_step_by_step_equals_scan():
+def test_step_by_step_equals_scan(path):
     """Decoding token by token from the initial state gives the chunked forward's outputs and final
     state, and each step agrees with the reference step."""
     case = Case(2, 12, 4, 16, 16, 2, 16, z=True, D="h", bias=True, softplus=True, h0=True)
@@ -194,18 +209,18 @@ GPU_CASES = [
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
-def test_matches_reference_gpu(case):
+def test_matches_reference_gpu(case, path):
     check_against_ref(case, make_inputs(case))
 
 
 @pytest.mark.gpu
-def test_long_sequence_large_dt_gpu():
+def test_long_sequence_large_dt_gpu(path):
     case = Case(1, 8192, 2, 64, 128, 1, 256, torch.bfloat16, D="h", bias=True, softplus=True, h0=True)
     check_against_ref(case, make_inputs(case, dt_scale=-5.0), tol=5e-2)  # softplus(−5·(noise − 2)) ≈ 10
 
 
 @pytest.mark.gpu
-def test_step_by_step_equals_scan_gpu():
+def test_step_by_step_equals_scan_gpu(path):
     case = Case(2, 64, 8, 64, 128, 2, 32, z=True, D="hp", bias=True, softplus=True, h0=True)
     t = {k: v.detach() for k, v in make_inputs(case).items()}
     y, final = ssd_scan_triton(chunk_size=case.Q, dt_softplus=True, return_final_states=True, **t)
@@ -218,7 +233,7 @@ def test_step_by_step_equals_scan_gpu():
 
 
 @pytest.mark.gpu
-def test_forward_backward_capture_in_cuda_graph():
+def test_forward_backward_capture_in_cuda_graph(path):
     """No host syncs: forward and backward replay from a CUDA graph with fresh inputs."""
     case = Case(2, 300, 4, 64, 64, 1, 128, torch.bfloat16, z=True, D="h", bias=True, softplus=True, h0=True)
     static = make_inputs(case)

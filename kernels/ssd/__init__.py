@@ -19,18 +19,6 @@ __all__ = ["ssd_scan", "ssd_step"]
 
 _TRITON = "kernels.ssd.triton"
 
-# The Triton SSD is opt-in (backend="triton") until it passes its GPU tests: an earlier version
-# hit illegal memory accesses on an H100 and the fix is unverified. "auto" therefore stays on the
-# reference for CUDA tensors too; flip this once tests/test_ssd_triton.py passes on a GPU.
-AUTO_USES_TRITON = False
-
-
-def _backend_module(backend: str, x: Tensor):
-    if backend == "auto" and not AUTO_USES_TRITON:
-        backend = "torch"
-    return load_backend(_TRITON, backend, x)
-
-
 def ssd_scan(
     x: Tensor,
     dt: Tensor,
@@ -53,7 +41,7 @@ def ssd_scan(
     Returns y (batch, seqlen, nheads, headdim) in x.dtype, or (y, final_states fp32) when
     return_final_states.
     """
-    impl = _backend_module(backend, x)
+    impl = load_backend(_TRITON, backend, x)
     scan = ssd_scan_ref if impl is None else impl.ssd_scan_triton
     return scan(
         x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
@@ -79,6 +67,6 @@ def ssd_step(
     x, z: (batch, nheads, headdim), dt: (batch, nheads), B, C: (batch, ngroups, d_state).
     Returns y: (batch, nheads, headdim) in x.dtype.
     """
-    impl = _backend_module(backend, x)
+    impl = load_backend(_TRITON, backend, x)
     step = ssd_step_ref if impl is None else impl.ssd_step_triton
     return step(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+import kernels.ssd.triton as ours
 from kernels.ssd.reference import ssd_scan_ref
 from kernels.ssd.triton import ssd_scan_triton
 
@@ -39,6 +40,7 @@ SHAPES = {  # (b, l, h, p, n)
 }
 CHUNK = 256
 DTYPE = torch.bfloat16
+PATHS = ("fused", "chunked")  # our two Triton paths; "auto" picks one by the shape
 
 
 def load_mamba_chunk_scan():
@@ -116,16 +118,26 @@ def flops(b, l, h, p, n):
     return b * nchunks * (Q * Q * n + h * (Q * Q * p + 4 * Q * p * n))
 
 
+def with_path(path, fn):
+    """`fn` with `ssd_scan_triton` forced onto one path ("fused" or "chunked")."""
+    def run():
+        saved, ours.PATH = ours.PATH, path
+        try:
+            return fn()
+        finally:
+            ours.PATH = saved
+
+    return run
+
+
 def time_shape(b, l, h, p, n, mamba):
     t = make_inputs(b, l, h, p, n)
     leaves = list(t.values())
     dy = torch.randn(b, l, h, p, device="cuda", dtype=DTYPE)
     args = dict(chunk_size=CHUNK, D=t["D"], dt_bias=t["dt_bias"], dt_softplus=True)
     scan_in = (t["x"], t["dt"], t["A"], t["B"], t["C"])
-    impls = {
-        "ours": lambda: ssd_scan_triton(*scan_in, **args),
-        "ref": lambda: ssd_scan_ref(*scan_in, **args),
-    }
+    impls = {path: with_path(path, lambda: ssd_scan_triton(*scan_in, **args)) for path in PATHS}
+    impls["ref"] = lambda: ssd_scan_ref(*scan_in, **args)
     if mamba is not None:
         impls["mamba"] = lambda: mamba(*scan_in, **args)
     q = torch.randn(b, h, l, p, device="cuda", dtype=DTYPE, requires_grad=True)
@@ -135,14 +147,13 @@ def time_shape(b, l, h, p, n, mamba):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    row = {}
+    row = dict(auto="fused" if ours._use_fused(b, h, torch.device("cuda")) else "chunked")
     with torch.no_grad():
-        y = impls["ours"]()
-        for name in ("mamba", "ref"):
+        ref = impls["ref"]().float()
+        for name in ("fused", "chunked", "mamba"):
             if name in impls:
-                other = impls[name]()
-                row[f"rel_err_vs_{name}"] = ((y.float() - other.float()).norm() / other.float().norm()).item()
-        del y
+                row[f"rel_err_{name}_vs_ref"] = ((impls[name]().float() - ref).norm() / ref.norm()).item()
+        del ref
     for name, fn in [*impls.items(), ("sdpa", sdpa)]:
         inputs = [q, k, v] if name == "sdpa" else leaves
         grad_out = torch.randn_like(q) if name == "sdpa" else dy
@@ -150,21 +161,22 @@ def time_shape(b, l, h, p, n, mamba):
             with torch.no_grad():
                 row[f"{name}_fwd"] = bench_ms(fn)
             row[f"{name}_fwdbwd"] = bench_ms(lambda: torch.autograd.grad(fn(), inputs, grad_out))
-            if name == "ours":
+            if name in PATHS:
                 with torch.no_grad():
-                    row["ours_graph_fwd"] = graph_ms(fn)
-                row["ours_graph_fwdbwd"] = graph_ms(lambda: torch.autograd.grad(fn(), inputs, grad_out))
+                    row[f"{name}_graph_fwd"] = graph_ms(fn)
+                row[f"{name}_graph_fwdbwd"] = graph_ms(lambda: torch.autograd.grad(fn(), inputs, grad_out))
         except Exception as e:  # one peer failing (out of memory, say) should not lose the others' numbers
             print(f"  {name} at {(b, l, h, p, n)}: {type(e).__name__}: {e}", flush=True)
         torch.cuda.empty_cache()
     return row
 
 
-def profile(b, l, h, p, n):
-    """Print the GPU time of each of our kernels in one forward+backward."""
+def profile(b, l, h, p, n, path):
+    """Print the GPU time of each of our kernels in one forward+backward on `path`, and the host time."""
     t = make_inputs(b, l, h, p, n)
     dy = torch.randn(b, l, h, p, device="cuda", dtype=DTYPE)
 
+    @functools.partial(with_path, path)
     def fwdbwd():
         y = ssd_scan_triton(t["x"], t["dt"], t["A"], t["B"], t["C"], CHUNK, D=t["D"], dt_bias=t["dt_bias"],
                             dt_softplus=True)
@@ -185,13 +197,11 @@ def profile(b, l, h, p, n):
         fwdbwd()
     host = (time.perf_counter() - start) / 20 * 1e3
     torch.cuda.synchronize()
-    print(f"host time per forward+backward: {host:.3f} ms", flush=True)
+    print(f"{path} at {(b, l, h, p, n)}: host time per forward+backward: {host:.3f} ms", flush=True)
 
 
 def report_kernels():
     """Registers and spills of every compiled variant of our kernels (the compiler's resource report)."""
-    import kernels.ssd.triton as ours
-
     for name in dir(ours):
         fn = getattr(ours, name)
         fn = getattr(fn, "fn", fn)  # through the autotuner
@@ -260,7 +270,8 @@ def main():
                        flop_fwd=flops(*shape) / rate * 1e3)
             row.update(time_shape(*shape, mamba))
             if opts.profile:
-                profile(*shape)
+                for path in PATHS:
+                    profile(*shape, path)
             rows.append(row)
             print(json.dumps(row), flush=True)
 
@@ -284,18 +295,20 @@ def main():
         return f"{row[key]:.3f}" if key in row else "n/a"
 
     def ratio(row, key):
-        m, o = row.get(f"mamba_{key}"), row.get(f"ours_{key}")
+        m, o = row.get(f"mamba_{key}"), row.get(f"{row['auto']}_{key}")
         return f"{m / o:.1f}x" if m and o else "n/a"
 
     print(f"\n{info['device']}, torch {info['torch']}, triton {info['triton']}, bf16, chunk {CHUNK}; "
           f"copy {bw / 1e12:.2f} TB/s, matmul {rate / 1e12:.0f} TFLOP/s; times in ms (median)")
-    head = ["(b, l, h, p, n)", "pass", "ours", "ours graph", "mamba_ssm", "mamba/ours", "sdpa", "ref", "IO floor"]
+    head = ["(b, l, h, p, n)", "pass", "fused", "fused graph", "chunked", "chunked graph", "mamba_ssm",
+            "mamba/ours (auto path)", "sdpa", "ref", "IO floor"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for row in rows:
         for key in ("fwd", "fwdbwd"):
-            cells = [str(tuple(row["shape"])), "fwd" if key == "fwd" else "fwd+bwd", cell(row, f"ours_{key}"),
-                     cell(row, f"ours_graph_{key}"), cell(row, f"mamba_{key}"), ratio(row, key),
+            cells = [str(tuple(row["shape"])), "fwd" if key == "fwd" else "fwd+bwd",
+                     *(cell(row, f"{path}{graph}_{key}") for path in PATHS for graph in ("", "_graph")),
+                     cell(row, f"mamba_{key}"), f"{ratio(row, key)} ({row['auto']})",
                      cell(row, f"sdpa_{key}"), cell(row, f"ref_{key}"), f"{row[f'io_{key}']:.3f}"]
             print("| " + " | ".join(cells) + " |")
     if lm:

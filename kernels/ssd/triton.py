@@ -7,12 +7,26 @@ with respect to the state leaving a chunk, seen from the tokens after it.
 
 Per head:  h_t = exp(Δ_t·A)·h_{t−1} + Δ_t·x_t B_tᵀ,   y_t = (h_t C_t + D·x_t)·silu(z_t).
 
-Forward, three launches:
+Two paths compute the same function; `ssd_scan_triton` takes the fused one when its b·h programs fill
+the GPU (`_use_fused`), which is the workbench's case, and the chunked one for a few long sequences.
+
+Fused path (blocks of T = 64 tokens; 1 launch forward, 2 backward):
+  `_fused_fwd_kernel`         per b·h: the blocks in order, the state in registers; y, and every block's
+                              entering state S for the backward.
+  `_fused_dstate_bwd_kernel`  per b·h: the blocks in reverse, G (the gradient of the state leaving each
+                              block) in registers; one matrix product a block.
+  `_fused_block_bwd_kernel`   per (block, b·h), all independent: dx, dz, dΔ, per-head dB and dC, and
+                              partial sums of dA, d dt_bias and dD.
+Few launches matter as much as fast kernels here: at workbench shapes a launch costs the host about as
+much as the GPU time of a whole kernel.
+
+Chunked path, forward, three launches:
   1. `_chunk_state_fwd_kernel`  per (chunk, b·h): Δ, cs, and the chunk's own final state from zero.
   2. `_state_passing_kernel`    per (b·h, slice of P·N): the only sequential part, over chunks; turns
                                 each chunk's own state into the state entering it, in place.
   3. `_chunk_scan_fwd_kernel`   per (row block, chunk, b·h): y = causal (C Bᵀ ∘ decay ∘ Δ) x + C S.
-Backward, five launches, mirroring it (the gradient runs backwards in time through the same recurrence):
+Chunked path, backward, five launches, mirroring it (the gradient runs backwards in time through the same
+recurrence):
   1. `_chunk_dstate_bwd_kernel`  per (chunk, b·h): each chunk's own state gradient dyᵀ (C ∘ exp(cs)), dD.
   2. `_state_passing_kernel`     reversed: G for every chunk, and the initial state's gradient.
   3. `_chunk_scan_bwd_dx_kernel` per (row block, chunk, b·g): what reaches token t from later tokens
@@ -594,6 +608,261 @@ def _dt_bwd_kernel(
     tl.store(ddt_ptr + (b.to(tl.int64) * seqlen + offs) * nheads + hh, ddt, mask=mask)  # ddt: contiguous (b, l, h)
 
 
+# Fused path (see the module docstring): the sequential walks carry the state, or its gradient, in
+# registers; everything else is one independent program per block. It is SSD with chunk T (the chunk
+# size changes only rounding, not the function).
+
+@triton.jit
+def _fused_fwd_kernel(
+    x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr,
+    out_ptr, ypre_ptr, states_ptr, final_ptr,
+    seqlen, nheads, headdim, dstate, heads_per_group,
+    s_x_b, s_x_l, s_x_h, s_z_b, s_z_l, s_z_h, s_dt_b, s_dt_l, s_dt_h,
+    s_B_b, s_B_l, s_B_g, s_C_b, s_C_l, s_C_g,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr, STORE_FINAL: tl.constexpr,
+    STORE_YPRE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One head of one sequence, block by block: with S the (P, N) state entering the block,
+      y_t = Σ_{s ≤ t} exp(cs_t − cs_s)(C_t·B_s) Δ_s x_s + exp(cs_t) S C_t + D x_t  (then · silu(z_t)),
+      S  ← exp(cs_end) S + Σ_s exp(cs_end − cs_s) Δ_s x_s B_sᵀ.
+    The backward reads every block's entering state (`states`, (b·h, blocks, P, N)) and y before the gate."""
+    bh = tl.program_id(0)
+    b = (bh // nheads).to(tl.int64)
+    hh = bh % nheads
+    gg = hh // heads_per_group
+    nblocks = tl.cdiv(seqlen, BLOCK_T)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    causal = offs_t[:, None] >= offs_t[None, :]  # (T, T): token t reads tokens s ≤ t
+    is_last = offs_t == BLOCK_T - 1
+    A = tl.load(A_ptr + hh).to(tl.float32)
+    bias = tl.load(dt_bias_ptr + hh).to(tl.float32) if HAS_DT_BIAS else 0.0
+    if HAS_D:
+        if D_PER_P:
+            Dv = tl.load(D_ptr + hh * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+        else:
+            Dv = tl.load(D_ptr + hh).to(tl.float32)
+    state_off = offs_p[:, None] * dstate + offs_n[None, :]  # (P, N) in a contiguous (p, n) state
+    if HAS_INIT:
+        S = tl.load(init_ptr + bh.to(tl.int64) * headdim * dstate + state_off, mask=mask_pn, other=0.0).to(tl.float32)
+    else:
+        S = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    x_base = x_ptr + b * s_x_b + hh * s_x_h
+    z_base = z_ptr + b * s_z_b + hh * s_z_h
+    dt_base = dt_ptr + b * s_dt_b + hh * s_dt_h
+    B_base = B_ptr + b * s_B_b + gg * s_B_g
+    C_base = C_ptr + b * s_C_b + gg * s_C_g
+    o_base = (b * seqlen * nheads + hh) * headdim  # out and ypre: contiguous (b, l, h, p)
+    st_base = states_ptr + bh.to(tl.int64) * nblocks * headdim * dstate
+
+    for k in range(nblocks):
+        t = k * BLOCK_T + offs_t
+        mask_t = t < seqlen
+        mask_tp = mask_t[:, None] & mask_p[None, :]
+        mask_tn = mask_t[:, None] & mask_n[None, :]
+        dt = _process_dt(tl.load(dt_base + t * s_dt_l, mask=mask_t, other=0.0).to(tl.float32), bias, DT_SOFTPLUS)
+        dt = tl.where(mask_t, dt, 0.0)  # padding past the sequence neither decays nor writes
+        cs = tl.cumsum(dt * A, axis=0)  # (T,)
+        cs_end = tl.sum(tl.where(is_last, cs, 0.0))
+        x = tl.load(x_base + t[:, None] * s_x_l + offs_p[None, :], mask=mask_tp, other=0.0)  # (T, P)
+        Bt = tl.load(B_base + t[:, None] * s_B_l + offs_n[None, :], mask=mask_tn, other=0.0)  # (T, N)
+        Ct = tl.load(C_base + t[:, None] * s_C_l + offs_n[None, :], mask=mask_tn, other=0.0)  # (T, N)
+        if STORE_STATES:
+            tl.store(st_base + k * headdim * dstate + state_off, S.to(states_ptr.dtype.element_ty), mask=mask_pn)
+
+        decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))  # (T, T)
+        cb = _dot(Ct, tl.trans(Bt))  # (T, T)
+        y = _dot((cb * decay * dt[None, :]).to(x.dtype), x)  # (T, P)
+        y += _dot(Ct, tl.trans(S).to(Ct.dtype)) * tl.exp(cs)[:, None]
+        w = dt * tl.exp(cs_end - cs)  # (T,) Δ_s·exp(cs_end − cs_s)
+        S = S * tl.exp(cs_end) + _dot(tl.trans(x), (Bt * w[:, None]).to(Bt.dtype))  # (P, N)
+
+        if HAS_D:
+            y += x.to(tl.float32) * Dv
+        o_off = o_base + t[:, None] * nheads * headdim + offs_p[None, :]
+        if HAS_Z:
+            if STORE_YPRE:
+                tl.store(ypre_ptr + o_off, y, mask=mask_tp)
+            zt = tl.load(z_base + t[:, None] * s_z_l + offs_p[None, :], mask=mask_tp, other=0.0).to(tl.float32)
+            y = y * zt * tl.sigmoid(zt)
+        tl.store(out_ptr + o_off, y, mask=mask_tp)
+
+    if STORE_FINAL:
+        tl.store(final_ptr + bh.to(tl.int64) * headdim * dstate + state_off, S, mask=mask_pn)
+
+
+@triton.jit
+def _fused_dstate_bwd_kernel(
+    dout_ptr, z_ptr, dt_ptr, A_ptr, dt_bias_ptr, C_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
+    seqlen, nheads, headdim, dstate, heads_per_group,
+    s_z_b, s_z_l, s_z_h, s_dt_b, s_dt_l, s_dt_h, s_C_b, s_C_l, s_C_g,
+    HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DFINAL: tl.constexpr,
+    HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The only sequential part of the backward: the blocks in reverse, G = ∂L/∂(state leaving the block)
+    carried in registers and stored for every block ((b·h, blocks, P, N), like the forward's states):
+      G ← exp(cs_end) G + Σ_t exp(cs_t) dy_t C_tᵀ   (dy = dout·silu(z)); what is left is the initial state's."""
+    bh = tl.program_id(0)
+    b = (bh // nheads).to(tl.int64)
+    hh = bh % nheads
+    gg = hh // heads_per_group
+    nblocks = tl.cdiv(seqlen, BLOCK_T)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < headdim
+    mask_pn = mask_p[:, None] & (offs_n[None, :] < dstate)
+    is_last = offs_t == BLOCK_T - 1
+    A = tl.load(A_ptr + hh).to(tl.float32)
+    bias = tl.load(dt_bias_ptr + hh).to(tl.float32) if HAS_DT_BIAS else 0.0
+    state_off = offs_p[:, None] * dstate + offs_n[None, :]
+    if HAS_DFINAL:
+        G = tl.load(dfinal_ptr + bh.to(tl.int64) * headdim * dstate + state_off, mask=mask_pn, other=0.0).to(tl.float32)
+    else:
+        G = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    z_base = b * s_z_b + hh * s_z_h
+    dt_base = dt_ptr + b * s_dt_b + hh * s_dt_h
+    C_base = C_ptr + b * s_C_b + gg * s_C_g
+    o_base = (b * seqlen * nheads + hh) * headdim
+    st_base = dstates_ptr + bh.to(tl.int64) * nblocks * headdim * dstate
+    for i in range(nblocks):
+        k = nblocks - 1 - i
+        tl.store(st_base + k * headdim * dstate + state_off, G.to(dstates_ptr.dtype.element_ty), mask=mask_pn)
+        t = k * BLOCK_T + offs_t
+        mask_t = t < seqlen
+        mask_tp = mask_t[:, None] & mask_p[None, :]
+        dt = _process_dt(tl.load(dt_base + t * s_dt_l, mask=mask_t, other=0.0).to(tl.float32), bias, DT_SOFTPLUS)
+        cs = tl.cumsum(tl.where(mask_t, dt, 0.0) * A, axis=0)
+        cs_end = tl.sum(tl.where(is_last, cs, 0.0))
+        dy = _gated_grad(dout_ptr, z_ptr, o_base + t[:, None] * nheads * headdim + offs_p[None, :],
+                         z_base + t[:, None] * s_z_l + offs_p[None, :], mask_tp, HAS_Z)  # (T, P)
+        Ct = tl.load(C_base + t[:, None] * s_C_l + offs_n[None, :], mask=mask_t[:, None] & (offs_n[None, :] < dstate),
+                     other=0.0)  # (T, N)
+        G = G * tl.exp(cs_end) + _dot(tl.trans(dy.to(Ct.dtype)), (Ct * tl.exp(cs)[:, None]).to(Ct.dtype))
+    if HAS_INIT:
+        tl.store(dinit_ptr + bh.to(tl.int64) * headdim * dstate + state_off, G, mask=mask_pn)
+
+
+@triton.jit
+def _fused_block_bwd_kernel(
+    x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, ypre_ptr, states_ptr, dstates_ptr,
+    dx_ptr, dz_ptr, ddt_ptr, dB_ptr, dC_ptr, part_ptr,
+    seqlen, nheads, headdim, dstate, heads_per_group,
+    s_x_b, s_x_l, s_x_h, s_z_b, s_z_l, s_z_h, s_dt_b, s_dt_l, s_dt_h,
+    s_B_b, s_B_l, s_B_g, s_C_b, s_C_l, s_C_g,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """One block of one head, independent of the others once S (entering state, from the forward) and
+    G (∂L/∂ state leaving, from `_fused_dstate_bwd_kernel`) are known. With dy = dout·silu(z),
+    L_ts = exp(cs_t − cs_s) for s ≤ t and M = (C Bᵀ) ∘ L:
+      u_s  = Σ_{t ≥ s} M_ts dy_t + exp(cs_end − cs_s) G B_s,     dx_s = Δ_s u_s + D dy_s
+      dC_t = Σ_{s ≤ t} L_ts Δ_s (dy_t·x_s) B_s + exp(cs_t) Sᵀ dy_t
+      dB_s = Δ_s [Σ_{t ≥ s} L_ts (dy_t·x_s) C_t + exp(cs_end − cs_s) Gᵀ x_s]
+    dB and dC are per head ((b, l, h, n)); the launcher sums a group's heads. ∂L/∂(Δ_r A) sums the pairs
+    that straddle r (as `_dt_bwd_kernel` explains): with Q_ts = M_ts Δ_s (dy_t·x_s) for s < t,
+      ∂L/∂(Δ_r A) = exp(cs_end)⟨G, S⟩ + Σ_{t ≥ r}(Σ_{s < t} Q_ts + exp(cs_t) C_t·(Sᵀ dy_t) − Σ_{t' > t} Q_t't)
+                    + Σ_{s < r} Δ_s exp(cs_end − cs_s) x_s·(G B_s).
+    part: (b·h, blocks, 2 + P) fp32 rows of [dA, d dt_bias, dD_p…] summed over the block."""
+    k = tl.program_id(0)
+    bh = tl.program_id(1)
+    nblocks = tl.num_programs(0)
+    b = (bh // nheads).to(tl.int64)
+    hh = bh % nheads
+    gg = hh // heads_per_group
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    is_last = offs_t == BLOCK_T - 1
+    t0 = k * BLOCK_T
+    t = t0 + offs_t
+    mask_t = t < seqlen
+    mask_tp = mask_t[:, None] & mask_p[None, :]
+    mask_tn = mask_t[:, None] & mask_n[None, :]
+    # Scalar int64 bases, int32 tile offsets: fewer registers than int64 offset tiles.
+    tok = b * seqlen + t0  # first token of the block in (b, l)
+    x_blk = x_ptr + b * s_x_b + t0 * s_x_l + hh * s_x_h
+    B_blk = B_ptr + b * s_B_b + t0 * s_B_l + gg * s_B_g
+    C_blk = C_ptr + b * s_C_b + t0 * s_C_l + gg * s_C_g
+    tp_off = offs_t[:, None] * (nheads * headdim) + offs_p[None, :]  # dout, ypre, dx, dz: contiguous (b, l, h, p)
+    tn_off = offs_t[:, None] * (nheads * dstate) + offs_n[None, :]  # dB, dC per head: contiguous (b, l, h, n)
+    o_blk = tok * nheads * headdim + hh * headdim
+    bc_blk = tok * nheads * dstate + hh * dstate
+    st_blk = (bh.to(tl.int64) * nblocks + k) * headdim * dstate
+    pn_off = offs_p[:, None] * dstate + offs_n[None, :]
+
+    A = tl.load(A_ptr + hh).to(tl.float32)
+    bias = tl.load(dt_bias_ptr + hh).to(tl.float32) if HAS_DT_BIAS else 0.0
+    raw = tl.load(dt_ptr + b * s_dt_b + hh * s_dt_h + t * s_dt_l, mask=mask_t, other=0.0).to(tl.float32) + bias
+    dt = tl.where(mask_t, _process_dt(raw, 0.0, DT_SOFTPLUS), 0.0)
+    cs = tl.cumsum(dt * A, axis=0)
+    cs_end = tl.sum(tl.where(is_last, cs, 0.0))
+    decay_end = tl.exp(cs_end - cs)  # (T,)
+    x = tl.load(x_blk + offs_t[:, None] * s_x_l + offs_p[None, :], mask=mask_tp, other=0.0)  # (T, P)
+    Bt = tl.load(B_blk + offs_t[:, None] * s_B_l + offs_n[None, :], mask=mask_tn, other=0.0)  # (T, N)
+    Ct = tl.load(C_blk + offs_t[:, None] * s_C_l + offs_n[None, :], mask=mask_tn, other=0.0)  # (T, N)
+    S = tl.load(states_ptr + st_blk + pn_off, mask=mask_pn, other=0.0)  # (P, N), the state entering the block
+    G = tl.load(dstates_ptr + st_blk + pn_off, mask=mask_pn, other=0.0)  # (P, N), ∂L/∂ the state leaving it
+    dda = tl.exp(cs_end) * tl.sum(tl.sum(G.to(tl.float32) * S.to(tl.float32), axis=1), axis=0)
+    dy = tl.load(dout_ptr + o_blk + tp_off, mask=mask_tp, other=0.0).to(tl.float32)  # (T, P)
+    if HAS_Z:
+        zt = tl.load(z_ptr + b * s_z_b + t0 * s_z_l + hh * s_z_h + offs_t[:, None] * s_z_l + offs_p[None, :],
+                     mask=mask_tp, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(zt)
+        ypre = tl.load(ypre_ptr + o_blk + tp_off, mask=mask_tp, other=0.0).to(tl.float32)
+        tl.store(dz_ptr + o_blk + tp_off, dy * ypre * sig * (1.0 + zt * (1.0 - sig)), mask=mask_tp)
+        dy = dy * zt * sig
+    dyc = dy.to(x.dtype)
+    part = part_ptr + (bh.to(tl.int64) * nblocks + k) * (2 + headdim)
+    if HAS_D:
+        tl.store(part + 2 + offs_p, tl.sum(dy * x.to(tl.float32), axis=0), mask=mask_p)
+        if D_PER_P:
+            dy_skip = dy * tl.load(D_ptr + hh * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+        else:
+            dy_skip = dy * tl.load(D_ptr + hh).to(tl.float32)
+
+    # Token pairs inside the block. Ordered so that few (T, T) tiles are alive at once.
+    decay = tl.exp(tl.where(offs_t[:, None] >= offs_t[None, :], cs[:, None] - cs[None, :], float("-inf")))  # L
+    m = _dot(Ct, tl.trans(Bt)) * decay  # (T, T) M_ts = (C_t·B_s) L_ts
+    dyx = _dot(dyc, tl.trans(x))  # (T, T) dy_t·x_s
+    q = tl.where(offs_t[:, None] > offs_t[None, :], m * dyx * dt[None, :], 0.0)  # (T, T) Q_ts
+    dcs = tl.sum(q, axis=1) - tl.sum(q, axis=0)
+    bg = _dot(Bt, tl.trans(G).to(Bt.dtype))  # (T, P) G B_s
+    u = _dot(tl.trans(m).to(x.dtype), dyc) + bg * decay_end[:, None]  # (T, P)
+    xf = x.to(tl.float32)
+    w = dt * decay_end * tl.sum(xf * bg, axis=1)
+    ddt = tl.sum(xf * u, axis=1)
+    dx = u * dt[:, None]
+    if HAS_D:
+        dx += dy_skip
+    tl.store(dx_ptr + o_blk + tp_off, dx, mask=mask_tp)
+
+    dyx = dyx * decay  # L_ts (dy_t·x_s)
+    dys = _dot(dyc, S.to(x.dtype)) * tl.exp(cs)[:, None]  # (T, N) exp(cs_t) Sᵀ dy_t
+    dcs += tl.sum(Ct.to(tl.float32) * dys, axis=1)
+    dC = _dot((dyx * dt[None, :]).to(Bt.dtype), Bt) + dys
+    tl.store(dC_ptr + bc_blk + tn_off, dC, mask=mask_tn)
+    dB = (_dot(tl.trans(dyx).to(Ct.dtype), Ct) + _dot(x, G.to(x.dtype)) * decay_end[:, None]) * dt[:, None]
+    tl.store(dB_ptr + bc_blk + tn_off, dB, mask=mask_tn)
+
+    dda += tl.cumsum(dcs, axis=0, reverse=True) + (tl.cumsum(w, axis=0) - w)  # ∂L/∂(Δ_r A)
+    ddt += dda * A
+    if DT_SOFTPLUS:
+        ddt = tl.where(raw > 20.0, ddt, ddt * tl.sigmoid(raw))
+    ddt = tl.where(mask_t, ddt, 0.0)
+    tl.store(ddt_ptr + (tok + offs_t) * nheads + hh, ddt, mask=mask_t)  # ddt: contiguous (b, l, h)
+    tl.store(part, tl.sum(dda * dt))
+    tl.store(part + 1, tl.sum(ddt))
+
+
 @triton.jit
 def _ssd_step_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, out_ptr,
@@ -779,14 +1048,112 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
     return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit
 
 
+# Which path `ssd_scan_triton` takes: "auto" takes the fused kernels when the b·h programs fill the GPU,
+# "fused" and "chunked" force one (for tests and benchmarks).
+PATH = "auto"
+_FUSED_T = 16 if _INTERPRET else 64  # tokens a block on the fused path
+# Two warpgroups a program: the forward and block-backward kernels hold ~250 registers a thread, and with
+# four warps they spill (ptxas for sm_90, compiled here; see NOTES.md).
+_FUSED_WARPS = 8
+
+
+def _use_fused(batch: int, nheads: int, device: torch.device) -> bool:
+    if PATH != "auto":
+        return PATH == "fused"
+    return batch * nheads >= _num_sms(device)
+
+
+def _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, store_final, for_backward):
+    """Returns out (b, l, h, p), final state or None, and what `_fused_bwd` needs."""
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    out = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
+    ypre = torch.empty_like(out) if (for_backward and z is not None) else None
+    # The entering state of every block; bf16 for bf16 inputs, as the forward rounds it so for C S.
+    state_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    states = None
+    if for_backward:
+        states = torch.empty(batch * nheads, triton.cdiv(seqlen, _FUSED_T), headdim, dstate, device=x.device,
+                             dtype=state_dtype)
+    final = torch.empty(batch, nheads, headdim, dstate, device=x.device, dtype=torch.float32) if store_final else None
+    init = initial_states.contiguous() if initial_states is not None else None
+    zz = z if z is not None else x
+    _fused_fwd_kernel[(batch * nheads,)](
+        x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A, zz,
+        init if init is not None else x, out, ypre if ypre is not None else out,
+        states if states is not None else out, final if final is not None else out,
+        seqlen, nheads, headdim, dstate, nheads // ngroups,
+        *x.stride()[:3], *zz.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3],
+        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
+        HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, HAS_INIT=init is not None,
+        STORE_STATES=states is not None, STORE_FINAL=final is not None, STORE_YPRE=ypre is not None,
+        BLOCK_T=_FUSED_T, BLOCK_P=_pow2(headdim), BLOCK_N=_pow2(dstate), num_warps=_FUSED_WARPS,
+    )
+    return out, final, (states, ypre)
+
+
+def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_init, saved):
+    """Gradients for x, dt, A, B, C, D, z, dt_bias, initial_states (None where the input was None)."""
+    states, ypre = saved
+    batch, seqlen, nheads, headdim = x.shape
+    ngroups, dstate = B.shape[2], B.shape[3]
+    nblocks = states.shape[1]
+    hpg = nheads // ngroups
+    dout = dout.contiguous()
+    dfin = dfinal.contiguous() if dfinal is not None else None
+    zz = z if z is not None else x
+    strides = (*x.stride()[:3], *zz.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3])
+    blocks = dict(BLOCK_T=_FUSED_T, BLOCK_P=_pow2(headdim), BLOCK_N=_pow2(dstate))
+    flags = dict(HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus)
+    bias_arg = dt_bias if dt_bias is not None else A
+
+    dstates = torch.empty_like(states)
+    dinit = torch.empty(batch, nheads, headdim, dstate, device=x.device, dtype=torch.float32) if has_init else None
+    _fused_dstate_bwd_kernel[(batch * nheads,)](
+        dout, zz, dt, A, bias_arg, C, dfin if dfin is not None else dout, dstates,
+        dinit if dinit is not None else dstates,
+        seqlen, nheads, headdim, dstate, hpg, *zz.stride()[:3], *dt.stride(), *C.stride()[:3],
+        **flags, HAS_DFINAL=dfin is not None, HAS_INIT=has_init, **blocks, num_warps=_FUSED_WARPS,
+    )
+
+    dx = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
+    dz = torch.empty_like(dx) if z is not None else None
+    ddt = torch.empty(batch, seqlen, nheads, device=x.device, dtype=dt.dtype)
+    # dB and dC per head, (2, b, l, h, n), summed over a group's heads below: fp32 unless they are final
+    # (one head a group) or bf16, whose 8-bit mantissa a few more roundings before the sum do not change.
+    dBC = torch.empty(2, batch, seqlen, nheads, dstate, device=x.device,
+                      dtype=B.dtype if hpg == 1 or B.dtype == torch.bfloat16 else torch.float32)
+    part = torch.empty(batch, nheads, nblocks, 2 + headdim, device=x.device, dtype=torch.float32)
+    _fused_block_bwd_kernel[(nblocks, batch * nheads)](
+        x, dt, A, bias_arg, B, C, D if D is not None else A, zz, dout, ypre if ypre is not None else dout,
+        states, dstates, dx, dz if dz is not None else dx, ddt, dBC[0], dBC[1], part,
+        seqlen, nheads, headdim, dstate, hpg, *strides,
+        **flags, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, **blocks, num_warps=_FUSED_WARPS,
+    )
+    if hpg > 1:
+        dBC = dBC.unflatten(3, (ngroups, hpg)).sum(4).to(B.dtype)  # (2, b, l, g, n)
+    part = part.sum((0, 2))  # (h, 2 + p)
+    dA = part[:, 0].to(A.dtype)
+    dbias = part[:, 1].to(dt_bias.dtype) if dt_bias is not None else None
+    dD = None
+    if D is not None:
+        dD = (part[:, 2:] if D.dim() == 2 else part[:, 2:].sum(1)).to(D.dtype)
+    return dx, ddt, dA, dBC[0], dBC[1], dD, dz, dbias, dinit
+
+
 class _SSDScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states,
                 for_backward):
-        out, final, saved = _ssd_fwd(
-            x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus,
-            store_final=return_final_states, store_ypre=for_backward,
-        )
+        ctx.fused = _use_fused(x.shape[0], x.shape[2], x.device)
+        if ctx.fused:
+            out, final, saved = _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus,
+                                           store_final=return_final_states, for_backward=for_backward)
+        else:
+            out, final, saved = _ssd_fwd(
+                x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus,
+                store_final=return_final_states, store_ypre=for_backward,
+            )
         ctx.save_for_backward(x, dt, A, B, C, D, z, dt_bias, *saved)
         ctx.chunk_size, ctx.dt_softplus = chunk_size, dt_softplus
         ctx.has_init = initial_states is not None
@@ -797,11 +1164,13 @@ class _SSDScanFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout, dfinal=None):
-        x, dt, A, B, C, D, z, dt_bias, dtp, cs, states, ypre = ctx.saved_tensors
-        dx, ddt, dA, dB, dC, dD, dz, dbias, dinit = _ssd_bwd(
-            dout, dfinal, x, dt, A, B, C, ctx.chunk_size, D, z, dt_bias, ctx.dt_softplus, ctx.has_init,
-            (dtp, cs, states, ypre),
-        )
+        x, dt, A, B, C, D, z, dt_bias, *saved = ctx.saved_tensors
+        if ctx.fused:
+            grads = _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, ctx.dt_softplus, ctx.has_init, saved)
+        else:
+            grads = _ssd_bwd(dout, dfinal, x, dt, A, B, C, ctx.chunk_size, D, z, dt_bias, ctx.dt_softplus,
+                             ctx.has_init, saved)
+        dx, ddt, dA, dB, dC, dD, dz, dbias, dinit = grads
         if dinit is not None:
             dinit = dinit.to(ctx.init_dtype)
         return dx, ddt, dA, dB, dC, None, dD, dz, dbias, dinit, None, None, None
