@@ -169,6 +169,33 @@ def test_input_dtypes(dtype):
     assert u.grad.dtype == dtype and u.grad.isfinite().all()
 
 
+@pytest.mark.parametrize("backward_in_autocast", [False, True], ids=["bwd-outside", "bwd-inside"])
+def test_bf16_autocast_forward_and_backward(backward_in_autocast):
+    """Under bf16 autocast (the LM's training step) the scan still computes in fp32: outputs and
+    every gradient equal those of the same call without autocast, each gradient in its input's dtype.
+    Autocast used to run the scan's matmuls in bf16 and the backward then failed on bf16 dy @ fp32 h."""
+    case = Case(2, 8, 70, 4, None, z=True, D=True, bias=True, softplus=True)
+    t = {k: v.detach() for k, v in make_inputs(case).items()}
+    # As the Mamba block passes them under autocast: activations bf16, parameters fp32.
+    t = {k: v.to(torch.bfloat16 if k in ("u", "delta", "B", "C", "z") else torch.float32) for k, v in t.items()}
+    names = list(t)
+    dy = torch.randn(case.b, case.d, case.l, generator=torch.Generator().manual_seed(1)).bfloat16()
+
+    def run(autocast: bool):
+        leaves = [t[k].clone().requires_grad_() for k in names]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = selective_scan(*leaves[:5], **dict(zip(names[5:], leaves[5:])), delta_softplus=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast and backward_in_autocast):
+            grads = torch.autograd.grad(y, leaves, dy)
+        return y, grads
+
+    (y, grads), (y_plain, grads_plain) = run(True), run(False)
+    assert y.dtype == torch.bfloat16 and rel_err(y, y_plain) < 1e-6
+    for name, grad, grad_plain in zip(names, grads, grads_plain):
+        assert grad.dtype == t[name].dtype and grad.isfinite().all(), name
+        assert rel_err(grad, grad_plain) < 1e-6, name
+
+
 def tiny_inputs():
     return {k: v.detach().float() for k, v in make_inputs(Case(1, 4, 8, 4, None)).items()}
 

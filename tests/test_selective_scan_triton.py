@@ -21,6 +21,7 @@ from kernels.selective_scan.reference import (  # noqa: E402
     selective_scan_ref,
     selective_state_update_ref,
 )
+from kernels.selective_scan import triton as triton_impl  # noqa: E402
 from kernels.selective_scan.triton import (  # noqa: E402
     SelectiveScanFn,
     selective_scan_triton,
@@ -113,11 +114,20 @@ CPU_CASES = [
     Case(2, 8, 16, 4, None, chunk=16),  # l exactly one chunk
     Case(1, 4, 1, 2, None),  # a single step
     Case(1, 16, 37, 2, None),  # several channel blocks of one group add into dB, dC
+    Case(1, 4, 300, 3, 2),  # the default chunks of 128: three, and two channels a program
 ]
 
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=str)
 def test_scan_fp32(case):
+    check_against(selective_scan_naive, case, torch.float32, seed=0, tol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[-1]], ids=str)
+def test_scan_backward_flip_scan_variant(case, monkeypatch):
+    """The backward's reverse scan by tl.associative_scan(reverse=True), which bench.py --sweep
+    times against the default (each thread's steps composed first): same results."""
+    monkeypatch.setitem(triton_impl._BWD_TILE, "reverse_by_thread", False)
     check_against(selective_scan_naive, case, torch.float32, seed=0, tol=TOL[torch.float32])
 
 

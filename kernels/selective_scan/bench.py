@@ -7,7 +7,8 @@
 bf16 u, Δ, B, C, z (B, C shared: (b, n, l)), fp32 A, D, Δ bias, softplus on, as the Mamba block
 calls it. IO floor = bytes of u, Δ, B, C, z read and y written, over the measured bandwidth of a
 large device-to-device copy (bytes read + written). Times are medians of triton.testing.do_bench,
-which flushes L2 between runs. Needs a CUDA GPU.
+which flushes L2 between runs. Every measurement is printed as one JSON line as soon as it is
+taken, so a crash later in the run loses nothing before it. Needs a CUDA GPU.
 """
 
 import argparse
@@ -24,9 +25,18 @@ from kernels.selective_scan.reference import selective_scan_ref
 
 SHAPES = [(64, 256, 1024, 16), (8, 2048, 2048, 16)]  # (b, d, l, n)
 
-# (BLOCK_D, BLOCK_L, num_warps) alternatives for --sweep, per kernel.
-FWD_TILES = [(1, 256, 1), (1, 512, 1), (1, 1024, 4), (2, 128, 1), (1, 2048, 4)]
-BWD_TILES = [(1, 256, 1), (2, 128, 1), (1, 512, 2), (1, 1024, 4), (1, 1024, 8)]
+# Alternatives for --sweep, per kernel; the first is the default (ss._chunk_size, ss._tile).
+# (BLOCK_D, BLOCK_L, num_warps, maxnreg[, reverse_by_thread]); maxnreg None: the compiler's
+# choice. The backward's BLOCK_D channels sit in each thread when BLOCK_L = 32·warps·(steps a
+# thread), as in (2, 128, 1). See NOTES.md.
+FWD_TILES = [(2, 128, 1, None), (1, 256, 1, None), (1, 512, 1, None)]
+BWD_TILES = [(1, 128, 1, None, True), (1, 128, 1, 96, True), (2, 128, 1, None, True), (2, 128, 1, 128, True),
+             (2, 128, 1, 168, False), (1, 256, 1, None, False)]
+
+
+def emit(kind, row):
+    """One measurement as a JSON line, printed at once."""
+    print(json.dumps(dict(kind=kind, **row)), flush=True)
 
 
 def make_inputs(b, d, l, n, requires_grad=False, seed=0):
@@ -82,6 +92,7 @@ def bench_shape(b, d, l, n, bw, with_ref):
             row["ref_fwd_ms"] = time_or_oom(lambda: selective_scan_ref(**x, delta_softplus=True), rep=500)
         row["ref_fwdbwd_ms"] = time_or_oom(
             lambda: torch.autograd.grad(selective_scan_ref(**xg, delta_softplus=True), leaves, dy), rep=500)
+    emit("shape", row)
     return row
 
 
@@ -92,22 +103,24 @@ def sweep_shape(b, d, l, n):
     dy = torch.randn(b, d, l, device="cuda", dtype=torch.bfloat16)
     rows = []
     for kind, tiles in (("fwd", FWD_TILES), ("bwd", BWD_TILES)):
-        for bd, bl, nw in tiles:
+        for bd, bl, nw, maxnreg, *rev in tiles:
             if d % bd:
                 continue
+            tile = dict(block_d=bd, num_warps=nw, maxnreg=maxnreg)
+            if rev:
+                tile["reverse_by_thread"] = rev[0]
             if kind == "fwd":
-                fn = lambda: ss._selective_scan_fwd(*args, True, False, bl, tile=(bd, nw))  # noqa: E731
+                fn = lambda: ss._selective_scan_fwd(*args, True, False, bl, tile=tile)  # noqa: E731
             else:
                 _, states = ss._selective_scan_fwd(*args, True, False, bl)
-                fn = lambda: ss._selective_scan_bwd(dy, *args, True, states, bl, tile=(bd, nw))  # noqa: E731
+                fn = lambda: ss._selective_scan_bwd(dy, *args, True, states, bl, tile=tile)  # noqa: E731
+            row = dict(shape=(b, d, l, n), kernel=kind, block_l=bl, **tile)
             try:
-                ms = do_bench(fn, return_mode="median")
+                row["ms"] = do_bench(fn, return_mode="median")
             except Exception as e:  # a tile that does not compile (shared memory, registers) is skipped
-                print(f"  {kind} {bd}x{bl} w{nw}: {type(e).__name__}: {str(e)[:120]}")
-                ms = float("nan")
-            rows.append(dict(shape=(b, d, l, n), kernel=kind, block_d=bd, block_l=bl, num_warps=nw,
-                             ms=ms))
-            print(f"  {kind} shape {(b, d, l, n)} BLOCK_D={bd} BLOCK_L={bl} warps={nw}: {ms:.3f} ms", flush=True)
+                row.update(ms=float("nan"), error=f"{type(e).__name__}: {str(e)[:120]}")
+            emit("sweep", row)
+            rows.append(row)
     return rows
 
 
@@ -138,8 +151,16 @@ def bench_lm(batch=64, seqlen=1024, vocab=8192):
         finally:
             models.mamba1.selective_scan = selective_scan
 
-    return dict(batch=batch, seqlen=seqlen, vocab=vocab, triton_step_ms=step_ms("triton"),
-                torch_step_ms=step_ms("torch"))
+    out = dict(batch=batch, seqlen=seqlen, vocab=vocab)
+    for backend in ("triton", "torch"):
+        row = dict(backend=backend)
+        try:
+            row["step_ms"] = step_ms(backend)
+        except Exception as e:  # one backend failing must not lose the other's number
+            row.update(step_ms=float("nan"), error=f"{type(e).__name__}: {str(e)[:200]}")
+        emit("lm", row)
+        out[f"{backend}_step_ms"] = row["step_ms"]
+    return out
 
 
 def main():
@@ -153,13 +174,12 @@ def main():
     props = torch.cuda.get_device_properties(0)
     env = dict(date=datetime.date.today().isoformat(), device=props.name, sms=props.multi_processor_count,
                torch=torch.__version__, triton=triton.__version__, cuda=torch.version.cuda)
-    print(env)
     bw = copy_bandwidth()
-    print(f"copy bandwidth {bw / 1e12:.2f} TB/s (read + write)")
+    emit("env", dict(env, copy_bw_tb_s=bw / 1e12))
     out = dict(env=env, copy_bw_tb_s=bw / 1e12)
+    out["rows"] = [bench_shape(*shape, bw, not args.no_ref) for shape in SHAPES]
     if args.sweep:
         out["sweep"] = [r for shape in SHAPES for r in sweep_shape(*shape)]
-    out["rows"] = [bench_shape(*shape, bw, not args.no_ref) for shape in SHAPES]
     if args.lm:
         out["lm"] = bench_lm()
     if args.json:

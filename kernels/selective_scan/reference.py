@@ -97,31 +97,35 @@ class _ScanFn(torch.autograd.Function):
     this keeps h alone and is about twice as fast on a CPU.
 
     delta, u: (b, g, l, r), A: (g, r, n), B, C: (b, g, l, n) -> y (b, g, l, r), h_last (b, g, r, n).
+    All five come in the compute dtype and both passes stay in it with autocast off: autocast would
+    run the matmuls in bf16 and hand the backward a bf16 dy against the fp32 h.
     """
 
     @staticmethod
     def forward(ctx, delta, u, A, B, C):
-        decay = torch.exp(delta[..., None] * A[:, None])  # (b, g, l, r, n): exp(Δ_t·A) ∈ (0, 1]
-        x = (delta * u)[..., None] * B[:, :, :, None]  # Δ_t·u_t·B_t
-        h = _linear_scan(decay.flatten(-2), x.flatten(-2)).view_as(x)
-        ctx.save_for_backward(delta, u, A, B, C, h)
-        return (h @ C[..., None]).squeeze(-1), h[:, :, -1]  # y_t = Σ_n C_t h_t
+        with torch.autocast(delta.device.type, enabled=False):
+            decay = torch.exp(delta[..., None] * A[:, None])  # (b, g, l, r, n): exp(Δ_t·A) ∈ (0, 1]
+            x = (delta * u)[..., None] * B[:, :, :, None]  # Δ_t·u_t·B_t
+            h = _linear_scan(decay.flatten(-2), x.flatten(-2)).view_as(x)
+            ctx.save_for_backward(delta, u, A, B, C, h)
+            return (h @ C[..., None]).squeeze(-1), h[:, :, -1]  # y_t = Σ_n C_t h_t
 
     @staticmethod
     def backward(ctx, dy, dh_last):
-        delta, u, A, B, C, h = ctx.saved_tensors
-        dh = dy[..., None] * C[:, :, :, None]  # (b, g, l, r, n): ∂L/∂h_t through y_t
-        dh[:, :, -1] += dh_last
-        decay = torch.exp(delta[..., None] * A[:, None])
-        next_decay = _shift(decay, -1)  # exp(Δ_{t+1}·A), 0 after the last token
-        lam = _linear_scan(next_decay.flatten(-2), dh.flatten(-2), reverse=True).view_as(h)
-        d_log_decay = lam * _shift(h, 1) * decay  # ∂L/∂(Δ_t·A) = λ_t ⊙ h_{t−1} ⊙ exp(Δ_t·A)
-        d_delta_u = (lam @ B[..., None]).squeeze(-1)  # (b, g, l, r): Σ_n λ_t B_t
-        d_delta = (d_log_decay * A[:, None]).sum(-1) + d_delta_u * u
-        dA = (d_log_decay * delta[..., None]).sum((0, 2))  # (g, r, n)
-        dB = ((delta * u)[..., None, :] @ lam).squeeze(-2)  # (b, g, l, n): Σ_r Δ_t u_t λ_t
-        dC = (dy[..., None, :] @ h).squeeze(-2)  # Σ_r dy_t h_t
-        return d_delta, d_delta_u * delta, dA, dB, dC
+        with torch.autocast(dy.device.type, enabled=False):
+            delta, u, A, B, C, h = ctx.saved_tensors
+            dh = dy[..., None] * C[:, :, :, None]  # (b, g, l, r, n): ∂L/∂h_t through y_t
+            dh[:, :, -1] += dh_last
+            decay = torch.exp(delta[..., None] * A[:, None])
+            next_decay = _shift(decay, -1)  # exp(Δ_{t+1}·A), 0 after the last token
+            lam = _linear_scan(next_decay.flatten(-2), dh.flatten(-2), reverse=True).view_as(h)
+            d_log_decay = lam * _shift(h, 1) * decay  # ∂L/∂(Δ_t·A) = λ_t ⊙ h_{t−1} ⊙ exp(Δ_t·A)
+            d_delta_u = (lam @ B[..., None]).squeeze(-1)  # (b, g, l, r): Σ_n λ_t B_t
+            d_delta = (d_log_decay * A[:, None]).sum(-1) + d_delta_u * u
+            dA = (d_log_decay * delta[..., None]).sum((0, 2))  # (g, r, n)
+            dB = ((delta * u)[..., None, :] @ lam).squeeze(-2)  # (b, g, l, n): Σ_r Δ_t u_t λ_t
+            dC = (dy[..., None, :] @ h).squeeze(-2)  # Σ_r dy_t h_t
+            return d_delta, d_delta_u * delta, dA, dB, dC
 
 
 def selective_scan_ref(

@@ -26,8 +26,10 @@ across chunks. Because a_t h_{t-1} = h_t − x_t, the gradients that need the pr
 (h − x) instead, which keeps everything within one chunk:
     dΔ_t = Σ_n g (B u + A (h − x)),  du_t = D dout + Δ Σ_n g B,  dA_n = Σ_t Δ g (h − x),
     dB_t = Σ_{d in group} g Δ u,     dC_t = Σ_{d in group} dout h.
-dB and dC are summed over the channel blocks of a group with fp32 atomics; dA, dD and
-delta_bias get per-batch partials that the launcher sums.
+dB and dC are summed over a program's BLOCK_D channels in registers and over the programs of a
+group with fp32 atomics; dA (added per n), dD and delta_bias get per-batch partials that the
+launcher sums. The reverse scan composes each thread's steps before it scans across lanes
+(_reverse_scan_by_thread).
 """
 
 import math
@@ -65,6 +67,59 @@ def _load_delta(delta_row, bias, offs_l, mask, HAS_BIAS: tl.constexpr, SOFTPLUS:
         pre += bias[:, None]
     dt = _softplus(pre) if SOFTPLUS else pre
     return tl.where(mask, dt, 0.0), pre
+
+
+@triton.jit
+def _reverse_scan_by_thread(a, x, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """tl.associative_scan((a, x), axis=1, combine_fn=_combine, reverse=True) on (BLOCK_D,
+    BLOCK_L) tiles, by groups of 4 steps: made for tiles whose threads hold 4 consecutive steps
+    (VEC = 4), correct for any. Each thread composes its own 4 steps in registers and only these
+    composites are scanned across lanes, where tl.associative_scan(reverse=True) flips every
+    element across lanes (a shuffle per element and operand) before the scan and after it."""
+    LANES: tl.constexpr = BLOCK_L // 4
+    a0, a1, a2, a3 = _split4(tl.reshape(a, (BLOCK_D, LANES, 2, 2)))
+    x0, x1, x2, x3 = _split4(tl.reshape(x, (BLOCK_D, LANES, 2, 2)))
+    # Suffix composites within the thread: step k maps the carry after step 3 to g_k.
+    la2, lx2 = _combine(a3, x3, a2, x2)
+    la1, lx1 = _combine(la2, lx2, a1, x1)
+    la0, lx0 = _combine(la1, lx1, a0, x0)
+    # The carry into each thread: composite of all later threads (inclusive scan, then one lane).
+    sa, sx = tl.associative_scan((la0, lx0), axis=1, combine_fn=_combine, reverse=True)
+    lane = tl.broadcast_to(tl.arange(0, LANES)[None, :], (BLOCK_D, LANES))
+    nxt = tl.minimum(lane + 1, LANES - 1)
+    last = lane == LANES - 1
+    ca = tl.where(last, 1.0, tl.gather(sa, nxt, axis=1))
+    cx = tl.where(last, 0.0, tl.gather(sx, nxt, axis=1))
+    a_r = _join4(la0 * ca, la1 * ca, la2 * ca, a3 * ca)
+    x_r = _join4(lx0 + la0 * cx, lx1 + la1 * cx, lx2 + la2 * cx, x3 + a3 * cx)
+    return tl.reshape(a_r, (BLOCK_D, BLOCK_L)), tl.reshape(x_r, (BLOCK_D, BLOCK_L))
+
+
+@triton.jit
+def _split4(v):
+    # (..., 2, 2) -> its four (...) components, in order: registers only.
+    lo, hi = tl.split(v)
+    v0, v1 = tl.split(lo)
+    v2, v3 = tl.split(hi)
+    return v0, v2, v1, v3
+
+
+@triton.jit
+def _join4(v0, v1, v2, v3):
+    return tl.join(tl.join(v0, v2), tl.join(v1, v3))
+
+
+@triton.jit
+def _load_dout(dy_row, z_row, offs_l, mask, HAS_Z: tl.constexpr):
+    """dout = ∂L/∂(C·h + D u) = dy·silu(z), and dy·silu'(z) (dz = dy·silu'(z)·(C·h + D u)), for
+    one (BLOCK_D, BLOCK_L) tile. The backward calls it before the loop over n for dout and after
+    it for the other: what a call does not use is not computed, and not kept in registers."""
+    dy = tl.load(dy_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
+    if HAS_Z:
+        zz = tl.load(z_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
+        sig_z = tl.sigmoid(zz)
+        return dy * zz * sig_z, dy * sig_z * (1.0 + zz * (1.0 - sig_z))
+    return dy, dy
 
 
 @triton.jit
@@ -159,16 +214,19 @@ def _selective_scan_bwd_kernel(
     s_u_b, s_u_d, s_dt_b, s_dt_d, s_A_d, s_A_n,
     s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d, s_dy_b, s_dy_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    MULTI_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    MULTI_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, VEC: tl.constexpr,
+    REVERSE_BY_THREAD: tl.constexpr,
 ):
     # Batch is the fast grid axis: programs that run at the same time then add into different
     # rows of dB and dC, rather than queueing on the same addresses.
     pid_b = tl.program_id(0).to(tl.int64)
     pid_d = tl.program_id(1)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_c = tl.arange(0, BLOCK_L)
+    # VEC consecutive steps a thread: when BLOCK_L = 32·VEC·warps the lanes span the chunk and
+    # the BLOCK_D channels sit in each thread's registers, so dB_n, dC_n reduce over channels
+    # without shuffles; with VEC = 4, the width of an fp32 vector atomic, no tile changes layout
+    # for the atomics either (NOTES.md).
+    offs_c = tl.max_contiguous(tl.arange(0, BLOCK_L), VEC)
     row0 = offs_d[:, None] * 0
     group = (pid_d * BLOCK_D) // channels_per_group
 
@@ -183,10 +241,13 @@ def _selective_scan_bwd_kernel(
     dBC_base = (pid_b * ngroups + group) * dstate * seqlen
     A_col = A_ptr + offs_d * s_A_d
     states_row = states_ptr + ((pid_b * dim + offs_d) * nchunks) * dstate  # (BLOCK_D,)
-    # gcarry: (b, d, 2, n) fp32, the adjoint at the start of the chunk after this one. Chunk c
-    # reads slot (c+1) % 2 and writes slot c % 2, so no thread overwrites a value that another
-    # may still read; the barrier at the end of each chunk orders the rest.
-    gcarry_row = gcarry_ptr + (pid_b * dim + offs_d) * 2 * dstate  # (BLOCK_D,)
+    dA_row = dA_ptr + (pid_b * dim + offs_d) * dstate  # (BLOCK_D,): per-batch partials of dA
+    # gcarry: (b, d, 2, n, 4) fp32, the adjoint at the start of the chunk after this one in
+    # element 0 of each 4 (16-byte slots: the masked store below then keeps g's layout when
+    # VEC = 4, instead of a round trip through shared memory). Chunk c reads slot (c+1) % 2 and
+    # writes slot c % 2, so no thread overwrites a value that another may still read; the
+    # barrier at the end of each chunk orders the rest.
+    gcarry_row = gcarry_ptr + (pid_b * dim + offs_d) * 2 * dstate * 4  # (BLOCK_D,)
     gcarry_tile = gcarry_row[:, None] + offs_c[None, :]  # column 0 is the row's carry (as above)
     is_first = (offs_c == 0)[None, :]
     if HAS_BIAS:
@@ -196,7 +257,6 @@ def _selective_scan_bwd_kernel(
     if HAS_D:
         D = tl.load(D_ptr + offs_d).to(tl.float32)
 
-    dA_acc = tl.zeros((BLOCK_D, BLOCK_N), dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for i in range(nchunks):
@@ -207,17 +267,12 @@ def _selective_scan_bwd_kernel(
         mask_next = (offs_l + 1 < seqlen)[None, :]
         has_prev = tl.full((BLOCK_D,), c, dtype=tl.int32) > 0  # chunk 0 starts from h = 0
         has_next = tl.full((BLOCK_D,), i, dtype=tl.int32) > 0  # the last chunk ends with g = 0
+        # u and z are loaded again after the loop over n rather than kept alive through it:
+        # registers bound how many warps an SM holds (NOTES.md).
         u = tl.load(u_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
         dt, _ = _load_delta(delta_row, bias, offs_l, mask, HAS_BIAS, SOFTPLUS)
         dt_next, _ = _load_delta(delta_row, bias, offs_l + 1, mask_next, HAS_BIAS, SOFTPLUS)
-        dy = tl.load(dy_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
-        if HAS_Z:
-            zz = tl.load(z_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
-            sig_z = tl.sigmoid(zz)
-            dout = dy * zz * sig_z
-            dy_dsilu = dy * sig_z * (1.0 + zz * (1.0 - sig_z))  # dz = dy_dsilu · (C·h + D u)
-        else:
-            dout = dy
+        dout, _ = _load_dout(dy_row, z_row, offs_l, mask, HAS_Z)
         dtu = dt * u
         bc_offs = row0 + offs_l[None, :]  # B_n, C_n as full tiles, as in the forward
         s = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # C·h, only needed for dz
@@ -229,7 +284,7 @@ def _selective_scan_bwd_kernel(
         C_nx = tl.load(C_base + bc_offs, mask=mask, other=0.0)
         if MULTI_CHUNK:
             h0_nx = tl.load(states_row + (c - 1) * dstate, mask=has_prev, other=0.0)
-            g_in_nx = tl.load(gcarry_row + ((c + 1) % 2) * dstate, mask=has_next, other=0.0)
+            g_in_nx = tl.load(gcarry_row + ((c + 1) % 2) * dstate * 4, mask=has_next, other=0.0)
         for n in range(dstate):
             A = A_nx.to(tl.float32)
             A2 = A * LOG2E
@@ -244,23 +299,28 @@ def _selective_scan_bwd_kernel(
             a_s, h = tl.associative_scan((a, x), axis=1, combine_fn=_combine)
             # a_{t+1}: the reverse recurrence g_t = C_t dout_t + a_{t+1} g_{t+1}
             a_next = tl.exp2(dt_next * A2[:, None])
-            a_r, g = tl.associative_scan((a_next, dout * Cn), axis=1, combine_fn=_combine,
-                                         reverse=True)
+            if REVERSE_BY_THREAD:
+                a_r, g = _reverse_scan_by_thread(a_next, dout * Cn, BLOCK_D, BLOCK_L)
+            else:
+                a_r, g = tl.associative_scan((a_next, dout * Cn), axis=1, combine_fn=_combine,
+                                             reverse=True)
             if MULTI_CHUNK:
                 h0 = h0_nx
                 g_in = g_in_nx
                 h0_nx = tl.load(states_row + (c - 1) * dstate + nx, mask=has_prev, other=0.0)
-                g_in_nx = tl.load(gcarry_row + ((c + 1) % 2) * dstate + nx, mask=has_next, other=0.0)
+                g_in_nx = tl.load(gcarry_row + (((c + 1) % 2) * dstate + nx) * 4, mask=has_next,
+                                  other=0.0)
                 h += a_s * h0[:, None]
                 g += a_r * g_in[:, None]
-                tl.store(gcarry_tile + (c % 2) * dstate + n, g, mask=is_first)
+                tl.store(gcarry_tile + ((c % 2) * dstate + n) * 4, g, mask=is_first)
             if HAS_Z:
                 s += h * Cn
             gB += g * Bn
             ghx = g * (h - x)  # g_t a_t h_{t-1}
             gAhx += A[:, None] * ghx
-            dA_n = tl.sum(dt * ghx, axis=1)
-            dA_acc = tl.where(offs_n[None, :] == n, dA_acc + dA_n[:, None], dA_acc)
+            # Added where it lives rather than selected into a (BLOCK_D, N) tile: one address
+            # per program, so the atomic never waits on another program.
+            tl.atomic_add(dA_row + n, tl.sum(dt * ghx, axis=1), sem="relaxed")
             dB_n = tl.sum(g * dtu, axis=0, keep_dims=True)  # (1, BLOCK_L)
             dC_n = tl.sum(dout * h, axis=0, keep_dims=True)
             tl.atomic_add(dB_ptr + dBC_base + n * seqlen + offs_l[None, :], dB_n, mask=mask,
@@ -269,6 +329,7 @@ def _selective_scan_bwd_kernel(
                           sem="relaxed")
         if MULTI_CHUNK:
             tl.debug_barrier()
+        u = tl.load(u_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
         du = dt * gB
         if HAS_D:
             du += D[:, None] * dout
@@ -285,11 +346,11 @@ def _selective_scan_bwd_kernel(
         if HAS_Z:
             if HAS_D:
                 s += D[:, None] * u
+            _, dy_dsilu = _load_dout(dy_row, z_row, offs_l, mask, HAS_Z)
             dz = dy_dsilu * s
             tl.store(dz_ptr + out_row + offs_l[None, :], dz, mask=mask)
-    # Per-batch partials, (b, d, n) and (b, d); the launcher sums over the batch.
+    # Per-batch partials, (b, d); the launcher sums over the batch.
     part = pid_b * dim + offs_d
-    tl.store(dA_ptr + part[:, None] * dstate + offs_n[None, :], dA_acc, mask=(offs_n < dstate)[None, :])
     if HAS_D:
         tl.store(dD_ptr + part, dD_acc)
     if HAS_BIAS:
@@ -348,23 +409,28 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 
 def _chunk_size(seqlen: int) -> int:
-    # Chunks of 256 steps, one warp each (8 steps a lane): the scans then never cross warps, and
-    # many small independent programs hide latency better than a few wide ones (NOTES.md).
-    return min(max(triton.next_power_of_2(seqlen), 16), 256)
+    # Chunks of 128 steps, one warp each: the scans never cross warps, and many small independent
+    # programs hide latency better than a few wide ones (NOTES.md).
+    return min(max(triton.next_power_of_2(seqlen), 16), 128)
 
 
-# Tiles: each thread holds `per_thread` elements of every (BLOCK_D, BLOCK_L) fp32 tile, 8
-# contiguous steps of one channel (16-byte bf16 loads); BLOCK_D follows from BLOCK_L.
-# kernels/selective_scan/bench.py --sweep times the alternatives (NOTES.md).
-_FWD_TILE = {"per_thread": 8, "num_warps": 1}
-_BWD_TILE = {"per_thread": 8, "num_warps": 1}
+# Tiles: each thread holds `per_thread` elements of every (BLOCK_D, BLOCK_L) fp32 tile; BLOCK_D
+# follows from BLOCK_L. `maxnreg` caps the registers a thread (None: the compiler's choice).
+# `reverse_by_thread`: the backward's reverse scan composes each thread's steps in registers before
+# scanning across lanes (_reverse_scan_by_thread). Chosen by `bench.py --sweep` on an H200 (NOTES.md):
+# the backward with one channel a program (4 steps a thread) beat two channels a thread, which
+# halve the dB/dC atomics but hold more registers: 0.93 against 1.04-1.16 ms at (64, 256, 1024, 16).
+_FWD_TILE = {"per_thread": 8, "num_warps": 1, "maxnreg": None}
+_BWD_TILE = {"per_thread": 4, "num_warps": 1, "maxnreg": None, "reverse_by_thread": True}
 
 
-def _tile(cfg: dict, block_l: int, channels_per_group: int) -> tuple[int, int]:
-    """(BLOCK_D, num_warps); a single warp under the interpreter, where warps mean nothing."""
+def _tile(cfg: dict, block_l: int, channels_per_group: int) -> dict:
+    """cfg with per_thread turned into block_d; a single warp under the interpreter, where warps
+    mean nothing."""
     num_warps = 1 if _interpreting() else cfg["num_warps"]
     cap = max(cfg["per_thread"] * 32 * num_warps // block_l, 1)
-    return _pow2_divisor(channels_per_group, cap), num_warps
+    tile = {k: v for k, v in cfg.items() if k != "per_thread"}
+    return {**tile, "block_d": _pow2_divisor(channels_per_group, cap), "num_warps": num_warps}
 
 
 def _lastdim_contiguous(t):
@@ -384,12 +450,12 @@ def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, sto
     ngroups = B4.shape[1]
     nchunks = triton.cdiv(seqlen, block_l)
     store_states = store_states or nchunks > 1
-    block_d, num_warps = tile or _tile(_FWD_TILE, block_l, dim // ngroups)
+    tile = tile or _tile(_FWD_TILE, block_l, dim // ngroups)
     y = torch.empty_like(u)
     states = torch.empty(batch, dim, nchunks if store_states else 0, dstate, device=u.device,
                          dtype=torch.float32)
     zz = z if z is not None else u
-    grid = (dim // block_d, batch)
+    grid = (dim // tile["block_d"], batch)
     _selective_scan_fwd_kernel[grid](
         u, delta, A, B4, C4, D if D is not None else u, zz,
         delta_bias if delta_bias is not None else u, y, states if store_states else y,
@@ -398,8 +464,8 @@ def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, sto
         B4.stride(0), B4.stride(1), B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2),
         zz.stride(0), zz.stride(1), y.stride(0), y.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, STORE_STATES=store_states, BLOCK_D=block_d, BLOCK_L=block_l,
-        num_warps=num_warps,
+        SOFTPLUS=delta_softplus, STORE_STATES=store_states, BLOCK_D=tile["block_d"],
+        BLOCK_L=block_l, num_warps=tile["num_warps"], maxnreg=tile["maxnreg"],
     )
     return y, states
 
@@ -411,19 +477,19 @@ def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     B4, C4 = _grouped(B), _grouped(C)
     ngroups = B4.shape[1]
     nchunks = triton.cdiv(seqlen, block_l)
-    block_d, num_warps = tile or _tile(_BWD_TILE, block_l, dim // ngroups)
+    tile = tile or _tile(_BWD_TILE, block_l, dim // ngroups)
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(batch, dim, seqlen, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(batch, dim, seqlen, device=u.device, dtype=delta.dtype)
     dz = torch.empty(batch, dim, seqlen, device=u.device, dtype=z.dtype) if z is not None else None
     dB = torch.zeros(batch, ngroups, dstate, seqlen, **f32)
     dC = torch.zeros(batch, ngroups, dstate, seqlen, **f32)
-    dA = torch.empty(batch, dim, dstate, **f32)
+    dA = torch.zeros(batch, dim, dstate, **f32)
     dD = torch.empty(batch, dim, **f32) if D is not None else None
     dbias = torch.empty(batch, dim, **f32) if delta_bias is not None else None
-    gcarry = torch.empty(batch, dim, 2, dstate, **f32) if nchunks > 1 else dA
+    gcarry = torch.empty(batch, dim, 2, dstate, 4, **f32) if nchunks > 1 else dA
     zz = z if z is not None else u
-    grid = (batch, dim // block_d)
+    grid = (batch, dim // tile["block_d"])
     _selective_scan_bwd_kernel[grid](
         u, delta, A, B4, C4, D if D is not None else u, zz,
         delta_bias if delta_bias is not None else u, states if nchunks > 1 else dA, dy,
@@ -435,8 +501,10 @@ def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         zz.stride(0), zz.stride(1), dy.stride(0), dy.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, MULTI_CHUNK=nchunks > 1,
-        BLOCK_D=block_d, BLOCK_L=block_l, BLOCK_N=triton.next_power_of_2(dstate),
-        num_warps=num_warps,
+        BLOCK_D=tile["block_d"], BLOCK_L=block_l,
+        VEC=min(max(block_l // (32 * tile["num_warps"]), 1), 8),
+        REVERSE_BY_THREAD=tile["reverse_by_thread"],
+        num_warps=tile["num_warps"], maxnreg=tile["maxnreg"],
     )
     dB = dB.to(B.dtype).view(B.shape)
     dC = dC.to(C.dtype).view(C.shape)
