@@ -9,7 +9,7 @@ plus the IO floor (bytes every input is read and every output written once, over
 device-to-device copy bandwidth) and the time of one training step of a 2-layer Mamba-2 LM with
 the Triton path against the reference.
 
-    python -m kernels.ssd.bench [--shapes workbench,paper] [--json results.json] [--no-lm]
+    python -m kernels.ssd.bench [--shapes workbench,paper] [--paths fused,chunked] [--json out.json] [--no-lm]
 
 mamba_ssm is optional (its column reads n/a without it). A wheel built with MAMBA_SKIP_CUDA_BUILD
 has only the Triton kernels, but its package `__init__` imports the CUDA extension it lacks, so the
@@ -130,7 +130,7 @@ def with_path(path, fn):
     return run
 
 
-def time_shape(b, l, h, p, n, mamba):
+def time_shape(b, l, h, p, n, mamba, paths=PATHS):
     t = make_inputs(b, l, h, p, n)
     leaves = list(t.values())
     dy = torch.randn(b, l, h, p, device="cuda", dtype=DTYPE)
@@ -143,7 +143,7 @@ def time_shape(b, l, h, p, n, mamba):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    impls = {path: with_path(path, lambda: ssd_scan_triton(*scan_in, **args)) for path in PATHS}
+    impls = {path: with_path(path, lambda: ssd_scan_triton(*scan_in, **args)) for path in paths}
     impls["ref"] = lambda: ssd_scan_ref(*scan_in, **args)
     impls["sdpa"] = sdpa
     if mamba is not None:  # last: a failed graph capture of it must not disturb the others
@@ -250,6 +250,7 @@ def main():
     parser.add_argument("--shapes", default="workbench,paper")
     parser.add_argument("--json", default=None)
     parser.add_argument("--no-lm", action="store_true")
+    parser.add_argument("--paths", default=",".join(PATHS), help="our Triton paths to time (fused, chunked)")
     parser.add_argument("--profile", action="store_true", help="per-kernel times of ours, forward+backward")
     opts = parser.parse_args()
 
@@ -270,7 +271,7 @@ def main():
             fwd_bytes, fwdbwd_bytes = io_bytes(*shape)
             row = dict(shape=shape, group=group, io_fwd=fwd_bytes / bw * 1e3, io_fwdbwd=fwdbwd_bytes / bw * 1e3,
                        flop_fwd=flops(*shape) / rate * 1e3)
-            row.update(time_shape(*shape, mamba))
+            row.update(time_shape(*shape, mamba, paths=opts.paths.split(",")))
             if opts.profile:
                 for path in PATHS:
                     profile(*shape, path)

@@ -610,8 +610,14 @@ def _dt_bwd_kernel(
 
 # Fused path (see the module docstring): the sequential walks carry the state, or its gradient, in
 # registers; everything else is one independent program per block. It is SSD with chunk T (the chunk
-# size changes only rounding, not the function).
+# size changes only rounding, not the function). Four or eight warps: with four the forward and block
+# kernels spill some registers (ptxas for sm_90) but two programs fit on a multiprocessor; on an H200
+# four made the forward twice as fast (NOTES.md), so the autotuner chooses.
+_FUSED_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, num_warps=8, num_stages=2)]
+_FUSED_KEY = ["headdim", "dstate", "HAS_Z"]
 
+
+@_autotune(_FUSED_CONFIGS, key=_FUSED_KEY)
 @triton.jit
 def _fused_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr,
@@ -696,6 +702,7 @@ def _fused_fwd_kernel(
         tl.store(final_ptr + bh.to(tl.int64) * headdim * dstate + state_off, S, mask=mask_pn)
 
 
+@_autotune(_FUSED_CONFIGS, key=_FUSED_KEY)
 @triton.jit
 def _fused_dstate_bwd_kernel(
     dout_ptr, z_ptr, dt_ptr, A_ptr, dt_bias_ptr, C_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
@@ -748,6 +755,7 @@ def _fused_dstate_bwd_kernel(
         tl.store(dinit_ptr + bh.to(tl.int64) * headdim * dstate + state_off, G, mask=mask_pn)
 
 
+@_autotune(_FUSED_CONFIGS, key=_FUSED_KEY)
 @triton.jit
 def _fused_block_bwd_kernel(
     x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, ypre_ptr, states_ptr, dstates_ptr,
@@ -1052,9 +1060,6 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
 # "fused" and "chunked" force one (for tests and benchmarks).
 PATH = "auto"
 _FUSED_T = 16 if _INTERPRET else 64  # tokens a block on the fused path
-# Two warpgroups a program: the forward and block-backward kernels hold ~250 registers a thread, and with
-# four warps they spill (ptxas for sm_90, compiled here; see NOTES.md).
-_FUSED_WARPS = 8
 
 
 def _use_fused(batch: int, nheads: int, device: torch.device) -> bool:
@@ -1087,7 +1092,7 @@ def _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, store
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, HAS_INIT=init is not None,
         STORE_STATES=states is not None, STORE_FINAL=final is not None, STORE_YPRE=ypre is not None,
-        BLOCK_T=_FUSED_T, BLOCK_P=_pow2(headdim), BLOCK_N=_pow2(dstate), num_warps=_FUSED_WARPS,
+        BLOCK_T=_FUSED_T, BLOCK_P=_pow2(headdim), BLOCK_N=_pow2(dstate),
     )
     return out, final, (states, ypre)
 
@@ -1113,7 +1118,7 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
         dout, zz, dt, A, bias_arg, C, dfin if dfin is not None else dout, dstates,
         dinit if dinit is not None else dstates,
         seqlen, nheads, headdim, dstate, hpg, *zz.stride()[:3], *dt.stride(), *C.stride()[:3],
-        **flags, HAS_DFINAL=dfin is not None, HAS_INIT=has_init, **blocks, num_warps=_FUSED_WARPS,
+        **flags, HAS_DFINAL=dfin is not None, HAS_INIT=has_init, **blocks,
     )
 
     dx = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
@@ -1128,7 +1133,7 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
         x, dt, A, bias_arg, B, C, D if D is not None else A, zz, dout, ypre if ypre is not None else dout,
         states, dstates, dx, dz if dz is not None else dx, ddt, dBC[0], dBC[1], part,
         seqlen, nheads, headdim, dstate, hpg, *strides,
-        **flags, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, **blocks, num_warps=_FUSED_WARPS,
+        **flags, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, **blocks,
     )
     if hpg > 1:
         dBC = dBC.unflatten(3, (ngroups, hpg)).sum(4).to(B.dtype)  # (2, b, l, g, n)
