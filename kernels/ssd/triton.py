@@ -617,6 +617,17 @@ _FUSED_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}
 _FUSED_KEY = ["headdim", "dstate", "HAS_Z"]
 
 
+@triton.jit
+def _block_dt(dt_ptrs, mask_t, bias, A, BLOCK_T: tl.constexpr, DT_SOFTPLUS: tl.constexpr):
+    """For one block of T tokens: dt + dt_bias, Δ (0 past the sequence, so padding neither decays nor
+    writes), cs = the inclusive cumulative Σ Δ·A over the block, and its last value cs_end."""
+    raw = tl.load(dt_ptrs, mask=mask_t, other=0.0).to(tl.float32) + bias
+    dt = tl.where(mask_t, _process_dt(raw, 0.0, DT_SOFTPLUS), 0.0)
+    cs = tl.cumsum(dt * A, axis=0)  # (T,)
+    cs_end = tl.sum(tl.where(tl.arange(0, BLOCK_T) == BLOCK_T - 1, cs, 0.0))
+    return raw, dt, cs, cs_end
+
+
 @_autotune(_FUSED_CONFIGS, key=_FUSED_KEY)
 @triton.jit
 def _fused_fwd_kernel(
@@ -645,7 +656,6 @@ def _fused_fwd_kernel(
     mask_n = offs_n < dstate
     mask_pn = mask_p[:, None] & mask_n[None, :]
     causal = offs_t[:, None] >= offs_t[None, :]  # (T, T): token t reads tokens s ≤ t
-    is_last = offs_t == BLOCK_T - 1
     A = tl.load(A_ptr + hh).to(tl.float32)
     bias = tl.load(dt_bias_ptr + hh).to(tl.float32) if HAS_DT_BIAS else 0.0
     if HAS_D:
@@ -671,10 +681,7 @@ def _fused_fwd_kernel(
         mask_t = t < seqlen
         mask_tp = mask_t[:, None] & mask_p[None, :]
         mask_tn = mask_t[:, None] & mask_n[None, :]
-        dt = _process_dt(tl.load(dt_base + t * s_dt_l, mask=mask_t, other=0.0).to(tl.float32), bias, DT_SOFTPLUS)
-        dt = tl.where(mask_t, dt, 0.0)  # padding past the sequence neither decays nor writes
-        cs = tl.cumsum(dt * A, axis=0)  # (T,)
-        cs_end = tl.sum(tl.where(is_last, cs, 0.0))
+        _, dt, cs, cs_end = _block_dt(dt_base + t * s_dt_l, mask_t, bias, A, BLOCK_T, DT_SOFTPLUS)
         x = tl.load(x_base + t[:, None] * s_x_l + offs_p[None, :], mask=mask_tp, other=0.0)  # (T, P)
         Bt = tl.load(B_base + t[:, None] * s_B_l + offs_n[None, :], mask=mask_tn, other=0.0)  # (T, N)
         Ct = tl.load(C_base + t[:, None] * s_C_l + offs_n[None, :], mask=mask_tn, other=0.0)  # (T, N)
@@ -724,7 +731,6 @@ def _fused_dstate_bwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     mask_p = offs_p < headdim
     mask_pn = mask_p[:, None] & (offs_n[None, :] < dstate)
-    is_last = offs_t == BLOCK_T - 1
     A = tl.load(A_ptr + hh).to(tl.float32)
     bias = tl.load(dt_bias_ptr + hh).to(tl.float32) if HAS_DT_BIAS else 0.0
     state_off = offs_p[:, None] * dstate + offs_n[None, :]
@@ -743,9 +749,7 @@ def _fused_dstate_bwd_kernel(
         t = k * BLOCK_T + offs_t
         mask_t = t < seqlen
         mask_tp = mask_t[:, None] & mask_p[None, :]
-        dt = _process_dt(tl.load(dt_base + t * s_dt_l, mask=mask_t, other=0.0).to(tl.float32), bias, DT_SOFTPLUS)
-        cs = tl.cumsum(tl.where(mask_t, dt, 0.0) * A, axis=0)
-        cs_end = tl.sum(tl.where(is_last, cs, 0.0))
+        _, _, cs, cs_end = _block_dt(dt_base + t * s_dt_l, mask_t, bias, A, BLOCK_T, DT_SOFTPLUS)
         dy = _gated_grad(dout_ptr, z_ptr, o_base + t[:, None] * nheads * headdim + offs_p[None, :],
                          z_base + t[:, None] * s_z_l + offs_p[None, :], mask_tp, HAS_Z)  # (T, P)
         Ct = tl.load(C_base + t[:, None] * s_C_l + offs_n[None, :], mask=mask_t[:, None] & (offs_n[None, :] < dstate),
@@ -789,7 +793,6 @@ def _fused_block_bwd_kernel(
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
     mask_pn = mask_p[:, None] & mask_n[None, :]
-    is_last = offs_t == BLOCK_T - 1
     t0 = k * BLOCK_T
     t = t0 + offs_t
     mask_t = t < seqlen
@@ -809,10 +812,8 @@ def _fused_block_bwd_kernel(
 
     A = tl.load(A_ptr + hh).to(tl.float32)
     bias = tl.load(dt_bias_ptr + hh).to(tl.float32) if HAS_DT_BIAS else 0.0
-    raw = tl.load(dt_ptr + b * s_dt_b + hh * s_dt_h + t * s_dt_l, mask=mask_t, other=0.0).to(tl.float32) + bias
-    dt = tl.where(mask_t, _process_dt(raw, 0.0, DT_SOFTPLUS), 0.0)
-    cs = tl.cumsum(dt * A, axis=0)
-    cs_end = tl.sum(tl.where(is_last, cs, 0.0))
+    raw, dt, cs, cs_end = _block_dt(dt_ptr + b * s_dt_b + hh * s_dt_h + t * s_dt_l, mask_t, bias, A, BLOCK_T,
+                                    DT_SOFTPLUS)
     decay_end = tl.exp(cs_end - cs)  # (T,)
     x = tl.load(x_blk + offs_t[:, None] * s_x_l + offs_p[None, :], mask=mask_tp, other=0.0)  # (T, P)
     Bt = tl.load(B_blk + offs_t[:, None] * s_B_l + offs_n[None, :], mask=mask_tn, other=0.0)  # (T, N)
