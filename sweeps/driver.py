@@ -3,13 +3,14 @@
 Start the same command in as many processes / machines as you like: each is one more worker on
 the same study (see sweeps/study.py for why every slot is trained exactly once). A worker leaves
 when no slot waits and no other worker's trial is still running: while one runs, its worker might
-die, and the trial then comes back as a retry.
+die, and the trial then comes back as a retry, which resumes from the dead attempt's last checkpoint.
 """
 import gc
 import itertools
 import math
 import shutil
 import time
+from pathlib import Path
 
 import optuna
 import torch
@@ -83,12 +84,31 @@ def _reason(error: BaseException) -> str:
     return f"{type(error).__name__}: {text[0]}" if text else type(error).__name__
 
 
+def resumable(run_dir) -> Path | None:
+    """The last checkpoint that an interrupted earlier attempt of this slot left, or None when there
+    is none or it does not load (a worker killed while writing it)."""
+    last = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not last.is_file():
+        return None
+    try:
+        torch.load(last, map_location="cpu", weights_only=False)
+    except Exception:
+        return None
+    return last
+
+
 def run_trial(study: optuna.Study, trial: optuna.Trial, sweep: Sweep, train) -> None:
     """Train one trial and tell the study how it ended (COMPLETE, PRUNED or FAIL with a reason)."""
     params = suggest(trial, sweep)
     run_dir = sweep.run_dir(trial.user_attrs["slot"], params)
     # The slot is this trial's alone: anything in its directory is an interrupted earlier attempt.
-    shutil.rmtree(run_dir, ignore_errors=True)
+    # Its training goes on from the last checkpoint (saved at every validation) rather than from
+    # scratch, so a killed worker costs at most an epoch; anything else of it is removed.
+    last = resumable(run_dir)
+    if last is None:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        trial.set_user_attr("resumed_from", str(last))
     trial.set_user_attr("run_dir", str(run_dir))
     callbacks = [FiniteLoss()]
     if sweep.pruner is not None:
@@ -96,7 +116,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, sweep: Sweep, train) -> 
     print(f"[sweep {sweep.study_name}] trial {trial.number} {trial.user_attrs['slot']} -> {run_dir}",
           flush=True)
     try:
-        cfg = run.compose([*sweep.overrides(params), f"run_dir={_quoted(run_dir)}"])
+        resume = [f"ckpt_path={_quoted(last)}"] if last is not None else []
+        cfg = run.compose([*sweep.overrides(params), f"run_dir={_quoted(run_dir)}", *resume])
         metrics = dict(train(cfg, callbacks=callbacks))
         if sweep.eval is not None:
             metrics.update(evaluate_lengths(cfg, run_dir / "checkpoints" / "best.ckpt", sweep.eval))

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import nbformat
 import optuna
 import pytest
@@ -16,6 +17,7 @@ from nbclient import NotebookClient
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import run
 import sweep
 from sweeps import driver
 from sweeps.callbacks import FiniteLoss, OptunaPruning
@@ -147,6 +149,35 @@ def test_report_without_a_study_is_one_line(tmp_path, capsys):
         sweep.main(["sweep=smoke", f"sweep.dir={tmp_path}", "action=report"])
     assert "no such study" in capsys.readouterr().err
     assert not (tmp_path / "study.db").exists()
+
+
+def test_a_retried_slot_trains_on_from_its_interrupted_attempts_checkpoint(tmp_path):
+    """What a killed worker leaves in a slot's directory (here: one epoch of two, trained for real)
+    is resumed by the next attempt, not trained again; a torn checkpoint is started over."""
+    argv = ["sweep=smoke", f"sweep.dir={tmp_path}", 'sweep.grid=["model=attention","model.d_model=16","optimizer.lr=3e-3"]']
+    spec = from_overrides(argv)
+    (slot,) = spec.slots()
+    run_dir = spec.run_dir(slot.key, slot.params)
+    first = run.compose([*spec.overrides(slot.params), f"run_dir={driver._quoted(run_dir)}", "trainer.max_epochs=1"])
+    steps_per_epoch = run.train(first)["train/steps"]
+    assert driver.resumable(run_dir) == run_dir / "checkpoints" / "last.ckpt"
+
+    started = []
+
+    class StartStep(L.Callback):
+        def on_train_start(self, trainer, module):
+            started.append(trainer.global_step)
+
+    sweep.main(argv, train=lambda cfg, callbacks=(): run.train(cfg, callbacks=[*callbacks, StartStep()]))
+    study = optuna.load_study(study_name=spec.study_name, storage=spec.storage)
+    (trial,) = study.get_trials()
+    assert trial.state == TrialState.COMPLETE
+    assert trial.user_attrs["resumed_from"] == str(run_dir / "checkpoints" / "last.ckpt")
+    assert started == [steps_per_epoch]  # the second attempt began where the first stopped
+    assert trial.user_attrs["train/steps"] == 2 * steps_per_epoch
+
+    (run_dir / "checkpoints" / "last.ckpt").write_bytes(b"torn by a kill")
+    assert driver.resumable(run_dir) is None
 
 
 # -- plumbing ------------------------------------------------------------------------------------
