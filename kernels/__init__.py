@@ -35,3 +35,14 @@ def _import_or_none(module: str) -> ModuleType | None:
     except ImportError as e:
         warnings.warn(f"{module} could not be imported ({e}); backend='auto' uses the PyTorch reference")
         return None
+
+
+def cdiv(a: int, b: int) -> int:
+    """⌈a / b⌉ for the launchers' host code. `triton.cdiv` and `triton.next_power_of_2` are constexpr
+    functions in recent Triton, ~5 µs a host call; a launch computes several of these."""
+    return -(-a // b)
+
+
+def next_pow2(v: int) -> int:
+    """The least power of two ≥ v (v ≥ 1)."""
+    return 1 << (v - 1).bit_length()

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import cdiv, next_pow2
+
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(v) = exp2(v·log2 e): ex2 is the native instruction
 
 
@@ -411,7 +413,7 @@ def _pow2_divisor(n: int, cap: int) -> int:
 def _chunk_size(seqlen: int) -> int:
     # Chunks of 128 steps, one warp each: the scans never cross warps, and many small independent
     # programs hide latency better than a few wide ones (NOTES.md).
-    return min(max(triton.next_power_of_2(seqlen), 16), 128)
+    return min(max(next_pow2(seqlen), 16), 128)
 
 
 # Tiles: each thread holds `per_thread` elements of every (BLOCK_D, BLOCK_L) fp32 tile; BLOCK_D
@@ -448,7 +450,7 @@ def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, sto
     dstate = A.shape[1]
     B4, C4 = _grouped(B), _grouped(C)
     ngroups = B4.shape[1]
-    nchunks = triton.cdiv(seqlen, block_l)
+    nchunks = cdiv(seqlen, block_l)
     store_states = store_states or nchunks > 1
     tile = tile or _tile(_FWD_TILE, block_l, dim // ngroups)
     y = torch.empty_like(u)
@@ -476,7 +478,7 @@ def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     dstate = A.shape[1]
     B4, C4 = _grouped(B), _grouped(C)
     ngroups = B4.shape[1]
-    nchunks = triton.cdiv(seqlen, block_l)
+    nchunks = cdiv(seqlen, block_l)
     tile = tile or _tile(_BWD_TILE, block_l, dim // ngroups)
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(batch, dim, seqlen, device=u.device, dtype=u.dtype)
@@ -581,9 +583,9 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
     C3 = C.unsqueeze(1) if C.dim() == 2 else C
     y = torch.empty_like(x)
     zz = z if z is not None else x
-    block_n = triton.next_power_of_2(dstate)
-    block_d = max(1, min(triton.next_power_of_2(dim), 2048 // block_n))
-    grid = (triton.cdiv(dim, block_d), batch)
+    block_n = next_pow2(dstate)
+    block_d = max(1, min(next_pow2(dim), 2048 // block_n))
+    grid = (cdiv(dim, block_d), batch)
     _selective_state_update_kernel[grid](
         state, x, dt, A, B3, C3, D if D is not None else x, zz,
         dt_bias if dt_bias is not None else x, y,

@@ -53,6 +53,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import cdiv, next_pow2
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Every matrix-product dimension (rows, tokens, P, N) is tiled by at least 64 on the GPU: on Hopper,
 # Triton 3.4-3.6 miscompiles kernels holding two or more tl.dot with 16- or 32-wide tiles (illegal
@@ -920,7 +922,7 @@ def _ssd_step_kernel(
 
 
 def _pow2(v: int, lo: int = _MIN_DOT) -> int:
-    return max(lo, triton.next_power_of_2(v))
+    return max(lo, next_pow2(v))
 
 
 def _num_sms(device: torch.device) -> int:
@@ -933,7 +935,7 @@ def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softp
     """Returns out (b, l, h, p), final state or None, and what the backward needs."""
     batch, seqlen, nheads, headdim = x.shape
     _, _, ngroups, dstate = B.shape
-    nchunks = triton.cdiv(seqlen, chunk_size)
+    nchunks = cdiv(seqlen, chunk_size)
     f32 = dict(device=x.device, dtype=torch.float32)
     dtp = torch.empty(batch, nheads, seqlen, **f32)  # Δ after dt_bias and softplus
     cs = torch.empty(batch, nheads, seqlen, **f32)  # cumulative Σ Δ·A inside each chunk
@@ -952,8 +954,8 @@ def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softp
     final = torch.empty(batch, nheads, headdim, dstate, **f32) if store_final else None
     init = initial_states.contiguous() if initial_states is not None else None
     numel = headdim * dstate
-    BLOCK = min(256, triton.next_power_of_2(numel))
-    _state_passing_kernel[(triton.cdiv(numel, BLOCK), batch * nheads)](
+    BLOCK = min(256, next_pow2(numel))
+    _state_passing_kernel[(cdiv(numel, BLOCK), batch * nheads)](
         states, cs, init if init is not None else states, final if final is not None else states,
         seqlen, nheads, nchunks, chunk_size, numel,
         REVERSE=False, HAS_INIT=init is not None, HAS_FINAL=final is not None, BLOCK=BLOCK,
@@ -963,7 +965,7 @@ def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softp
     ypre = torch.empty_like(out) if (store_ypre and z is not None) else None
     zz = z if z is not None else x
     grid = lambda META: (  # noqa: E731
-        triton.cdiv(chunk_size, META["BLOCK_M"]) * triton.cdiv(headdim, META["BLOCK_P"]), nchunks, batch * nheads
+        cdiv(chunk_size, META["BLOCK_M"]) * cdiv(headdim, META["BLOCK_P"]), nchunks, batch * nheads
     )
     _chunk_scan_fwd_kernel[grid](
         x, zz, D if D is not None else x, B, C, dtp, cs, states, out, ypre if ypre is not None else out,
@@ -980,7 +982,7 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
     dtp, cs, states, ypre = saved
     batch, seqlen, nheads, headdim = x.shape
     _, _, ngroups, dstate = B.shape
-    nchunks = triton.cdiv(seqlen, chunk_size)
+    nchunks = cdiv(seqlen, chunk_size)
     hpg = nheads // ngroups
     f32 = dict(device=x.device, dtype=torch.float32)
     BLOCK_P, BLOCK_N = _pow2(headdim), _pow2(dstate)
@@ -1000,8 +1002,8 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
     dinit = torch.empty(batch, nheads, headdim, dstate, **f32) if has_init else None
     dfin = dfinal.contiguous() if dfinal is not None else None
     numel = headdim * dstate
-    BLOCK = min(256, triton.next_power_of_2(numel))
-    _state_passing_kernel[(triton.cdiv(numel, BLOCK), batch * nheads)](
+    BLOCK = min(256, next_pow2(numel))
+    _state_passing_kernel[(cdiv(numel, BLOCK), batch * nheads)](
         dstates, cs, dfin if dfin is not None else dstates, dinit if dinit is not None else dstates,
         seqlen, nheads, nchunks, chunk_size, numel,
         REVERSE=True, HAS_INIT=dfin is not None, HAS_FINAL=dinit is not None, BLOCK=BLOCK,
@@ -1010,7 +1012,7 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
 
     # Split a group's heads over more programs only when the grid would not fill the GPU.
     heads_per_split = hpg
-    base_programs = triton.cdiv(chunk_size, 64) * nchunks * batch * ngroups
+    base_programs = cdiv(chunk_size, 64) * nchunks * batch * ngroups
     while heads_per_split % 2 == 0 and base_programs * (hpg // heads_per_split) < 4 * _num_sms(x.device):
         heads_per_split //= 2
     nsplit = hpg // heads_per_split
@@ -1021,7 +1023,7 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
     dC = torch.empty(nsplit, batch, seqlen, ngroups, dstate, device=x.device, dtype=bc_dtype)
     ddt_in, dq, dcs_in, dcs_out = torch.empty(4, batch, nheads, seqlen, **f32).unbind(0)
     dcs_chunk = torch.empty(batch, nheads, nchunks, **f32)
-    grid = lambda META: (triton.cdiv(chunk_size, META["BLOCK_M"]), nchunks, batch * ngroups * nsplit)  # noqa: E731
+    grid = lambda META: (cdiv(chunk_size, META["BLOCK_M"]), nchunks, batch * ngroups * nsplit)  # noqa: E731
     sizes = (batch, seqlen, nheads, headdim, dstate, chunk_size, hpg, heads_per_split, ngroups)
     strides = (*x.stride(), *zz.stride(), *B.stride(), *C.stride())
     _chunk_scan_bwd_dx_kernel[grid](
@@ -1079,7 +1081,7 @@ def _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, store
     state_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
     states = None
     if for_backward:
-        states = torch.empty(batch * nheads, triton.cdiv(seqlen, _FUSED_T), headdim, dstate, device=x.device,
+        states = torch.empty(batch * nheads, cdiv(seqlen, _FUSED_T), headdim, dstate, device=x.device,
                              dtype=state_dtype)
     final = torch.empty(batch, nheads, headdim, dstate, device=x.device, dtype=torch.float32) if store_final else None
     init = initial_states.contiguous() if initial_states is not None else None
@@ -1245,9 +1247,9 @@ def ssd_step_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_soft
     zz = z if z is not None else x
     D = D.contiguous() if D is not None else None
     out = torch.empty(batch, nheads, headdim, device=x.device, dtype=x.dtype)
-    BLOCK_N = triton.next_power_of_2(dstate)
-    BLOCK_P = min(triton.next_power_of_2(headdim), max(1, 4096 // BLOCK_N))
-    _ssd_step_kernel[(triton.cdiv(headdim, BLOCK_P), batch * nheads)](
+    BLOCK_N = next_pow2(dstate)
+    BLOCK_P = min(next_pow2(headdim), max(1, 4096 // BLOCK_N))
+    _ssd_step_kernel[(cdiv(headdim, BLOCK_P), batch * nheads)](
         state, x, dt, A, B, C, D if D is not None else x, zz, dt_bias if dt_bias is not None else A, out,
         nheads, headdim, dstate, nheads // ngroups,
         *state.stride(), *x.stride(), *zz.stride(), *dt.stride(), *B.stride(), *C.stride(),
