@@ -10,6 +10,7 @@ device-to-device copy bandwidth) and the time of one training step of a 2-layer 
 the Triton path against the reference.
 
     python -m kernels.ssd.bench [--shapes workbench,paper] [--paths fused,chunked] [--json out.json] [--no-lm]
+    python -m kernels.ssd.bench --host     # CPU only: host time per call with the launches stubbed
 
 mamba_ssm is optional (its column reads n/a without it). A wheel built with MAMBA_SKIP_CUDA_BUILD
 has only the Triton kernels, but its package `__init__` imports the CUDA extension it lacks, so the
@@ -245,6 +246,44 @@ def lm_step_ms(backend: str) -> float:
     return bench_ms(step)
 
 
+def host_us(path: str, repeats: int = 7, calls: int = 200) -> float:
+    """Median host time (µs) of one forward+backward on `path` with every Triton launch stubbed out,
+    on the CPU: what Python, autograd and the torch calls around the kernels cost, which is what an
+    eager step pays on top of the GPU time when the GPU is the faster of the two."""
+    class NoLaunch:
+        def __getitem__(self, grid):
+            return lambda *args, **kwargs: None
+
+    kernels = {name: getattr(ours, name) for name in dir(ours) if name.endswith("_kernel")}
+    b, l, h, p, n = 2, 64, 4, 16, 16  # tiny: the stubbed launches make the host cost shape-independent
+    t = {k: v.requires_grad_() for k, v in dict(
+        x=torch.randn(b, l, h, p), dt=torch.randn(b, l, h), A=-torch.rand(h), B=torch.randn(b, l, 1, n),
+        C=torch.randn(b, l, 1, n), D=torch.randn(h), dt_bias=torch.randn(h)).items()}
+    dy = torch.randn(b, l, h, p)
+
+    @functools.partial(with_path, path)
+    def fwdbwd():
+        y = ssd_scan_triton(t["x"], t["dt"], t["A"], t["B"], t["C"], CHUNK, D=t["D"], dt_bias=t["dt_bias"],
+                            dt_softplus=True)
+        torch.autograd.grad(y, list(t.values()), dy)
+
+    try:
+        for name in kernels:
+            setattr(ours, name, NoLaunch())
+        for _ in range(calls // 4):
+            fwdbwd()
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            for _ in range(calls):
+                fwdbwd()
+            times.append((time.perf_counter() - start) / calls * 1e6)
+    finally:
+        for name, kernel in kernels.items():
+            setattr(ours, name, kernel)
+    return sorted(times)[repeats // 2]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="workbench,paper")
@@ -252,7 +291,13 @@ def main():
     parser.add_argument("--no-lm", action="store_true")
     parser.add_argument("--paths", default=",".join(PATHS), help="our Triton paths to time (fused, chunked)")
     parser.add_argument("--profile", action="store_true", help="per-kernel times of ours, forward+backward")
+    parser.add_argument("--host", action="store_true",
+                        help="only the host time of each path with the launches stubbed (CPU, no GPU needed)")
     opts = parser.parse_args()
+    if opts.host:
+        for path in PATHS:
+            print(f"{path}: {host_us(path):.0f} us of host time per forward+backward (launches stubbed)")
+        return
 
     props = torch.cuda.get_device_properties(0)
     bw, rate = copy_bandwidth(), matmul_rate()
