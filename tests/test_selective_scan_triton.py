@@ -114,7 +114,7 @@ CPU_CASES = [
     Case(2, 8, 16, 4, None, chunk=16),  # l exactly one chunk
     Case(1, 4, 1, 2, None),  # a single step
     Case(1, 16, 37, 2, None),  # several channel blocks of one group add into dB, dC
-    Case(1, 4, 300, 3, 2),  # the default chunks of 128: three, and two channels a program
+    Case(1, 4, 300, 3, 2),  # the default chunks of 128: three; two channels a forward program, one a backward
 ]
 
 

@@ -10,42 +10,14 @@ Needs only triton (it ships ptxas and cuobjdump). What the counts predict: NOTES
 """
 
 import collections
-import os
 import re
-import subprocess
-import tempfile
 
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-
+from kernels import cdiv
+from kernels.sass import compile_sm90, cuobjdump, resources
 from kernels.selective_scan import bench
 from kernels.selective_scan import triton as ss
 
-CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 BF16_PTRS = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dy_ptr", "y_ptr", "du_ptr", "ddelta_ptr", "dz_ptr"}
-
-
-def compile_sm90(kernel, constexprs: dict, ints: dict, num_warps: int, maxnreg: int | None):
-    """Compile as a launch with these int arguments would: pointers 16-byte aligned, ints equal
-    to 1 turned into constants, ints divisible by 16 marked so."""
-    signature, attrs, constexprs = {}, {}, dict(constexprs)
-    for i, name in enumerate(kernel.arg_names):
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif name.endswith("_ptr"):
-            signature[name] = "*bf16" if name in BF16_PTRS else "*fp32"
-            attrs[(i,)] = [["tt.divisibility", 16]]
-        elif ints[name] == 1:
-            signature[name] = "constexpr"
-            constexprs[name] = 1
-        else:
-            signature[name] = "i32"
-            if ints[name] % 16 == 0:
-                attrs[(i,)] = [["tt.divisibility", 16]]
-    src = ASTSource(kernel, signature, constexprs=constexprs, attrs=attrs)
-    return triton.compile(src, target=GPUTarget("cuda", 90, 32),
-                          options=dict(num_warps=num_warps, maxnreg=maxnreg))
 
 
 def _op(line: str) -> str:
@@ -55,12 +27,7 @@ def _op(line: str) -> str:
 def inner_loop_ops(compiled) -> tuple[collections.Counter, dict]:
     """Opcode counts of the innermost loop (the first backward branch's body) and the resource
     usage (REG, STACK) of the cubin."""
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "k.cubin")
-        with open(path, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        sass = subprocess.run([CUOBJDUMP, "-sass", path], capture_output=True, text=True, check=True).stdout
-        usage = subprocess.run([CUOBJDUMP, "-res-usage", path], capture_output=True, text=True, check=True).stdout
+    sass = cuobjdump(compiled, "-sass")
     code = [(int(a, 16), text) for a, text in re.findall(r"/\*([0-9a-f]{4,})\*/\s+(.*?);", sass)]
     for addr, text in code:
         target = re.search(r"BRA\s+0x([0-9a-f]+)", text)
@@ -68,8 +35,7 @@ def inner_loop_ops(compiled) -> tuple[collections.Counter, dict]:
             start = int(target.group(1), 16)
             loop = collections.Counter(_op(t) for a, t in code if start <= a <= addr)
             break
-    resources = dict(re.findall(r"(REG|STACK):(\d+)", usage.split("Function")[-1]))
-    return loop, {k: int(v) for k, v in resources.items()}
+    return loop, resources(compiled)
 
 
 def main():
@@ -77,7 +43,7 @@ def main():
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
     for kind, tiles in (("fwd", bench.FWD_TILES), ("bwd", bench.BWD_TILES)):
         for bd, bl, nw, maxnreg, *rev in tiles:
-            nchunks = triton.cdiv(l, bl)
+            nchunks = cdiv(l, bl)
             ints = dict(dim=d, seqlen=l, dstate=n, nchunks=nchunks, channels_per_group=d, ngroups=1,
                         s_A_d=n, s_A_n=1, s_B_b=n * l, s_B_g=n * l, s_B_n=l, s_C_b=n * l, s_C_g=n * l, s_C_n=l,
                         **{f"s_{x}_b": d * l for x in ("u", "dt", "z", "y", "dy")},
@@ -89,7 +55,7 @@ def main():
                 kernel = ss._selective_scan_bwd_kernel
                 consts = dict(flags, MULTI_CHUNK=nchunks > 1, BLOCK_D=bd, BLOCK_L=bl,
                               VEC=min(max(bl // (32 * nw), 1), 8), REVERSE_BY_THREAD=rev[0])
-            ops, res = inner_loop_ops(compile_sm90(kernel, consts, ints, nw, maxnreg))
+            ops, res = inner_loop_ops(compile_sm90(kernel, consts, ints, BF16_PTRS, nw, maxnreg))
             updates = bd * bl // (32 * nw)  # state updates a thread makes per n
             total = sum(ops.values())
             rev_txt = f" reverse_by_thread={rev[0]}" if rev else ""

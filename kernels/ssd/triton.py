@@ -100,6 +100,28 @@ def _gated_grad(dout_ptr, z_ptr, o_off, z_off, mask, HAS_Z: tl.constexpr):
 
 
 @triton.jit
+def _head(bh, nheads, heads_per_group):
+    """Program index b·h → batch (int64, for offsets), head, and the head's group of B and C."""
+    hh = bh % nheads
+    return (bh // nheads).to(tl.int64), hh, hh // heads_per_group
+
+
+@triton.jit
+def _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS: tl.constexpr):
+    """A and dt_bias of head hh in fp32 (dt_bias 0 when there is none)."""
+    bias = tl.load(dt_bias_ptr + hh).to(tl.float32) if HAS_DT_BIAS else 0.0
+    return tl.load(A_ptr + hh).to(tl.float32), bias
+
+
+@triton.jit
+def _load_D(D_ptr, hh, headdim, offs_p, mask_p, D_PER_P: tl.constexpr):
+    """D of head hh in fp32: its (P,) row (D_PER_P) or its scalar; either broadcasts over (tokens, P)."""
+    if D_PER_P:
+        return tl.load(D_ptr + hh * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
+    return tl.load(D_ptr + hh).to(tl.float32)
+
+
+@triton.jit
 def _chunk_state_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr,
     dtp_ptr, cs_ptr, states_ptr,
@@ -121,8 +143,7 @@ def _chunk_state_fwd_kernel(
     start = c * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - start)
 
-    A = tl.load(A_ptr + hh).to(tl.float32)
-    bias = tl.load(dt_bias_ptr + hh).to(tl.float32) if HAS_DT_BIAS else 0.0
+    A, bias = _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS)
     dt_base = dt_ptr + b.to(tl.int64) * s_dt_b + start * s_dt_l + hh * s_dt_h
     x_base = x_ptr + b.to(tl.int64) * s_x_b + start * s_x_l + hh * s_x_h
     B_base = B_ptr + b.to(tl.int64) * s_B_b + start * s_B_l + gg * s_B_g
@@ -283,11 +304,7 @@ def _chunk_scan_fwd_kernel(
     mask_mp = mask_m[:, None] & mask_p[None, :]
     if HAS_D:
         xm = tl.load(x_base + offs_m[:, None] * s_x_l + offs_p[None, :] * s_x_p, mask=mask_mp, other=0.0)
-        if D_PER_P:
-            Dv = tl.load(D_ptr + hh * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-        else:
-            Dv = tl.load(D_ptr + hh).to(tl.float32)
-        acc += xm.to(tl.float32) * Dv
+        acc += xm.to(tl.float32) * _load_D(D_ptr, hh, headdim, offs_p, mask_p, D_PER_P)
     out_off = ((b.to(tl.int64) * seqlen + start + offs_m[:, None]) * nheads + hh) * headdim + offs_p[None, :]
     if HAS_Z:
         if STORE_YPRE:
@@ -456,10 +473,7 @@ def _chunk_scan_bwd_dx_kernel(
             dcs_in += tl.sum(tl.where(offs_s[None, :] > offs_m[:, None], bc * xdy * w, 0.0), axis=1)
         dx = u * dt_m[:, None]
         if HAS_D:
-            if D_PER_P:
-                dx += dy_m * tl.load(D_ptr + hh * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
-            else:
-                dx += dy_m * tl.load(D_ptr + hh).to(tl.float32)
+            dx += dy_m * _load_D(D_ptr, hh, headdim, offs_p, mask_p, D_PER_P)
         tl.store(dx_ptr + o_base + row, dx, mask=mask_mp)
         tl.store(ddt_in_ptr + buf_base + offs_m, tl.sum(xm.to(tl.float32) * u, axis=1), mask=mask_m)
         tl.store(dq_ptr + buf_base + offs_m, dq, mask=mask_m)
@@ -588,8 +602,7 @@ def _dt_bwd_kernel(
     nchunks = tl.num_programs(0)
     b = bh // nheads
     hh = bh % nheads
-    A = tl.load(A_ptr + hh).to(tl.float32)
-    bias = tl.load(dt_bias_ptr + hh).to(tl.float32) if HAS_DT_BIAS else 0.0
+    A, bias = _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS)
     start = c * chunk_size
     offs = start + tl.arange(0, BLOCK_Q)
     mask = (tl.arange(0, BLOCK_Q) < chunk_size) & (offs < seqlen)
@@ -613,8 +626,9 @@ def _dt_bwd_kernel(
 # Fused path (see the module docstring): the sequential walks carry the state, or its gradient, in
 # registers; everything else is one independent program per block. It is SSD with chunk T (the chunk
 # size changes only rounding, not the function). Four or eight warps: with four the forward and block
-# kernels spill some registers (ptxas for sm_90) but two programs fit on a multiprocessor; on an H200
-# four made the forward twice as fast (NOTES.md), so the autotuner chooses.
+# kernels spill more (`python -m kernels.ssd.sass`) but two programs fit on a multiprocessor; on an
+# H200 the forward took 0.173 ms at eight and 0.092 ms autotuned over both (NOTES.md), so the
+# autotuner chooses.
 _FUSED_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, num_warps=8, num_stages=2)]
 _FUSED_KEY = ["headdim", "dstate", "HAS_Z"]
 
@@ -628,6 +642,14 @@ def _block_dt(dt_ptrs, mask_t, bias, A, BLOCK_T: tl.constexpr, DT_SOFTPLUS: tl.c
     cs = tl.cumsum(dt * A, axis=0)  # (T,)
     cs_end = tl.sum(tl.where(tl.arange(0, BLOCK_T) == BLOCK_T - 1, cs, 0.0))
     return raw, dt, cs, cs_end
+
+
+@triton.jit
+def _load_state(ptrs, mask_pn, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRESENT: tl.constexpr):
+    """A (P, N) state in fp32, or zeros where none was given (no initial state, no final-state gradient)."""
+    if PRESENT:
+        return tl.load(ptrs, mask=mask_pn, other=0.0).to(tl.float32)
+    return tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
 
 
 @_autotune(_FUSED_CONFIGS, key=_FUSED_KEY)
@@ -647,9 +669,7 @@ def _fused_fwd_kernel(
       S  ← exp(cs_end) S + Σ_s exp(cs_end − cs_s) Δ_s x_s B_sᵀ.
     The backward reads every block's entering state (`states`, (b·h, blocks, P, N)) and y before the gate."""
     bh = tl.program_id(0)
-    b = (bh // nheads).to(tl.int64)
-    hh = bh % nheads
-    gg = hh // heads_per_group
+    b, hh, gg = _head(bh, nheads, heads_per_group)
     nblocks = tl.cdiv(seqlen, BLOCK_T)
     offs_t = tl.arange(0, BLOCK_T)
     offs_p = tl.arange(0, BLOCK_P)
@@ -658,18 +678,12 @@ def _fused_fwd_kernel(
     mask_n = offs_n < dstate
     mask_pn = mask_p[:, None] & mask_n[None, :]
     causal = offs_t[:, None] >= offs_t[None, :]  # (T, T): token t reads tokens s ≤ t
-    A = tl.load(A_ptr + hh).to(tl.float32)
-    bias = tl.load(dt_bias_ptr + hh).to(tl.float32) if HAS_DT_BIAS else 0.0
+    A, bias = _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS)
     if HAS_D:
-        if D_PER_P:
-            Dv = tl.load(D_ptr + hh * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
-        else:
-            Dv = tl.load(D_ptr + hh).to(tl.float32)
+        Dv = _load_D(D_ptr, hh, headdim, offs_p, mask_p, D_PER_P)
     state_off = offs_p[:, None] * dstate + offs_n[None, :]  # (P, N) in a contiguous (p, n) state
-    if HAS_INIT:
-        S = tl.load(init_ptr + bh.to(tl.int64) * headdim * dstate + state_off, mask=mask_pn, other=0.0).to(tl.float32)
-    else:
-        S = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    head_state = bh.to(tl.int64) * headdim * dstate  # this head's (P, N) in a (b·h, P, N) tensor
+    S = _load_state(init_ptr + head_state + state_off, mask_pn, BLOCK_P, BLOCK_N, HAS_INIT)
     x_base = x_ptr + b * s_x_b + hh * s_x_h
     z_base = z_ptr + b * s_z_b + hh * s_z_h
     dt_base = dt_ptr + b * s_dt_b + hh * s_dt_h
@@ -708,7 +722,7 @@ def _fused_fwd_kernel(
         tl.store(out_ptr + o_off, y, mask=mask_tp)
 
     if STORE_FINAL:
-        tl.store(final_ptr + bh.to(tl.int64) * headdim * dstate + state_off, S, mask=mask_pn)
+        tl.store(final_ptr + head_state + state_off, S, mask=mask_pn)
 
 
 @_autotune(_FUSED_CONFIGS, key=_FUSED_KEY)
@@ -724,22 +738,17 @@ def _fused_dstate_bwd_kernel(
     carried in registers and stored for every block ((b·h, blocks, P, N), like the forward's states):
       G ← exp(cs_end) G + Σ_t exp(cs_t) dy_t C_tᵀ   (dy = dout·silu(z)); what is left is the initial state's."""
     bh = tl.program_id(0)
-    b = (bh // nheads).to(tl.int64)
-    hh = bh % nheads
-    gg = hh // heads_per_group
+    b, hh, gg = _head(bh, nheads, heads_per_group)
     nblocks = tl.cdiv(seqlen, BLOCK_T)
     offs_t = tl.arange(0, BLOCK_T)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     mask_p = offs_p < headdim
     mask_pn = mask_p[:, None] & (offs_n[None, :] < dstate)
-    A = tl.load(A_ptr + hh).to(tl.float32)
-    bias = tl.load(dt_bias_ptr + hh).to(tl.float32) if HAS_DT_BIAS else 0.0
+    A, bias = _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS)
     state_off = offs_p[:, None] * dstate + offs_n[None, :]
-    if HAS_DFINAL:
-        G = tl.load(dfinal_ptr + bh.to(tl.int64) * headdim * dstate + state_off, mask=mask_pn, other=0.0).to(tl.float32)
-    else:
-        G = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+    head_state = bh.to(tl.int64) * headdim * dstate
+    G = _load_state(dfinal_ptr + head_state + state_off, mask_pn, BLOCK_P, BLOCK_N, HAS_DFINAL)
     z_base = b * s_z_b + hh * s_z_h
     dt_base = dt_ptr + b * s_dt_b + hh * s_dt_h
     C_base = C_ptr + b * s_C_b + gg * s_C_g
@@ -758,7 +767,7 @@ def _fused_dstate_bwd_kernel(
                      other=0.0)  # (T, N)
         G = G * tl.exp(cs_end) + _dot(tl.trans(dy.to(Ct.dtype)), (Ct * tl.exp(cs)[:, None]).to(Ct.dtype))
     if HAS_INIT:
-        tl.store(dinit_ptr + bh.to(tl.int64) * headdim * dstate + state_off, G, mask=mask_pn)
+        tl.store(dinit_ptr + head_state + state_off, G, mask=mask_pn)
 
 
 @_autotune(_FUSED_CONFIGS, key=_FUSED_KEY)
@@ -782,13 +791,12 @@ def _fused_block_bwd_kernel(
     that straddle r (as `_dt_bwd_kernel` explains): with Q_ts = M_ts Δ_s (dy_t·x_s) for s < t,
       ∂L/∂(Δ_r A) = exp(cs_end)⟨G, S⟩ + Σ_{t ≥ r}(Σ_{s < t} Q_ts + exp(cs_t) C_t·(Sᵀ dy_t) − Σ_{t' > t} Q_t't)
                     + Σ_{s < r} Δ_s exp(cs_end − cs_s) x_s·(G B_s).
-    part: (b·h, blocks, 2 + P) fp32 rows of [dA, d dt_bias, dD_p…] summed over the block."""
+    part: (b·h, blocks, 2 + P) fp32 rows of [dA, d dt_bias, dD…] summed over the block (dD: P entries, or
+    one for a scalar D per head)."""
     k = tl.program_id(0)
     bh = tl.program_id(1)
     nblocks = tl.num_programs(0)
-    b = (bh // nheads).to(tl.int64)
-    hh = bh % nheads
-    gg = hh // heads_per_group
+    b, hh, gg = _head(bh, nheads, heads_per_group)
     offs_t = tl.arange(0, BLOCK_T)
     offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
@@ -812,8 +820,7 @@ def _fused_block_bwd_kernel(
     st_blk = (bh.to(tl.int64) * nblocks + k) * headdim * dstate
     pn_off = offs_p[:, None] * dstate + offs_n[None, :]
 
-    A = tl.load(A_ptr + hh).to(tl.float32)
-    bias = tl.load(dt_bias_ptr + hh).to(tl.float32) if HAS_DT_BIAS else 0.0
+    A, bias = _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS)
     raw, dt, cs, cs_end = _block_dt(dt_ptr + b * s_dt_b + hh * s_dt_h + t * s_dt_l, mask_t, bias, A, BLOCK_T,
                                     DT_SOFTPLUS)
     decay_end = tl.exp(cs_end - cs)  # (T,)
@@ -834,11 +841,12 @@ def _fused_block_bwd_kernel(
     dyc = dy.to(x.dtype)
     part = part_ptr + (bh.to(tl.int64) * nblocks + k) * (2 + headdim)
     if HAS_D:
-        tl.store(part + 2 + offs_p, tl.sum(dy * x.to(tl.float32), axis=0), mask=mask_p)
+        dD = tl.sum(dy * x.to(tl.float32), axis=0)  # (P,)
         if D_PER_P:
-            dy_skip = dy * tl.load(D_ptr + hh * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)[None, :]
+            tl.store(part + 2 + offs_p, dD, mask=mask_p)
         else:
-            dy_skip = dy * tl.load(D_ptr + hh).to(tl.float32)
+            tl.store(part + 2, tl.sum(dD))
+        dy_skip = dy * _load_D(D_ptr, hh, headdim, offs_p, mask_p, D_PER_P)
 
     # Token pairs inside the block. Ordered so that few (T, T) tiles are alive at once.
     decay = tl.exp(tl.where(offs_t[:, None] >= offs_t[None, :], cs[:, None] - cs[None, :], float("-inf")))  # L
@@ -890,18 +898,16 @@ def _ssd_step_kernel(
 ):
     pid_p = tl.program_id(0)
     bh = tl.program_id(1)
-    b = (bh // nheads).to(tl.int64)
-    hh = bh % nheads
-    gg = hh // heads_per_group
+    b, hh, gg = _head(bh, nheads, heads_per_group)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
     mask_p = offs_p < headdim
     mask_n = offs_n < dstate
     mask_pn = mask_p[:, None] & mask_n[None, :]
 
-    bias = tl.load(dt_bias_ptr + hh).to(tl.float32) if HAS_DT_BIAS else 0.0
+    A, bias = _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS)
     dt = _process_dt(tl.load(dt_ptr + b * s_dt_b + hh * s_dt_h).to(tl.float32), bias, DT_SOFTPLUS)
-    decay = tl.exp(dt * tl.load(A_ptr + hh).to(tl.float32))
+    decay = tl.exp(dt * A)
     x = tl.load(x_ptr + b * s_x_b + hh * s_x_h + offs_p * s_x_p, mask=mask_p, other=0.0).to(tl.float32)
     Bv = tl.load(B_ptr + b * s_B_b + gg * s_B_g + offs_n * s_B_n, mask=mask_n, other=0.0).to(tl.float32)
     Cv = tl.load(C_ptr + b * s_C_b + gg * s_C_g + offs_n * s_C_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -911,10 +917,7 @@ def _ssd_step_kernel(
     tl.store(st_ptrs, s, mask=mask_pn)
     y = tl.sum(s * Cv[None, :], axis=1)  # (P,)
     if HAS_D:
-        if D_PER_P:
-            y += x * tl.load(D_ptr + hh * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-        else:
-            y += x * tl.load(D_ptr + hh).to(tl.float32)
+        y += x * _load_D(D_ptr, hh, headdim, offs_p, mask_p, D_PER_P)
     if HAS_Z:
         z = tl.load(z_ptr + b * s_z_b + hh * s_z_h + offs_p * s_z_p, mask=mask_p, other=0.0).to(tl.float32)
         y = y * z * tl.sigmoid(z)
@@ -1071,6 +1074,12 @@ def _use_fused(batch: int, nheads: int, device: torch.device) -> bool:
     return batch * nheads >= _num_sms(device)
 
 
+def _fused_strides(x, zz, dt, B, C) -> tuple[int, ...]:
+    """The stride arguments of `_fused_fwd_kernel` and `_fused_block_bwd_kernel`, in their order (x, z, B
+    and C have unit stride on the last axis, which `ssd_scan_triton` ensures)."""
+    return (*x.stride()[:3], *zz.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3])
+
+
 def _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, store_final, for_backward):
     """Returns out (b, l, h, p), final state or None, and what `_fused_bwd` needs."""
     batch, seqlen, nheads, headdim = x.shape
@@ -1090,8 +1099,7 @@ def _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, store
         x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A, zz,
         init if init is not None else x, out, ypre if ypre is not None else out,
         states if states is not None else out, final if final is not None else out,
-        seqlen, nheads, headdim, dstate, nheads // ngroups,
-        *x.stride()[:3], *zz.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3],
+        seqlen, nheads, headdim, dstate, nheads // ngroups, *_fused_strides(x, zz, dt, B, C),
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, HAS_INIT=init is not None,
         STORE_STATES=states is not None, STORE_FINAL=final is not None, STORE_YPRE=ypre is not None,
@@ -1110,7 +1118,6 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     dout = dout.contiguous()
     dfin = dfinal.contiguous() if dfinal is not None else None
     zz = z if z is not None else x
-    strides = (*x.stride()[:3], *zz.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3])
     blocks = dict(BLOCK_T=_FUSED_T, BLOCK_P=_pow2(headdim), BLOCK_N=_pow2(dstate))
     flags = dict(HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus)
     bias_arg = dt_bias if dt_bias is not None else A
@@ -1135,7 +1142,7 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     _fused_block_bwd_kernel[(nblocks, batch * nheads)](
         x, dt, A, bias_arg, B, C, D if D is not None else A, zz, dout, ypre if ypre is not None else dout,
         states, dstates, dx, dz if dz is not None else dx, ddt, dBC[0], dBC[1], part,
-        seqlen, nheads, headdim, dstate, hpg, *strides,
+        seqlen, nheads, headdim, dstate, hpg, *_fused_strides(x, zz, dt, B, C),
         **flags, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, **blocks,
     )
     if hpg > 1:
@@ -1145,7 +1152,7 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     dbias = part[:, 1].to(dt_bias.dtype) if dt_bias is not None else None
     dD = None
     if D is not None:
-        dD = (part[:, 2:] if D.dim() == 2 else part[:, 2:].sum(1)).to(D.dtype)
+        dD = (part[:, 2:] if D.dim() == 2 else part[:, 2]).to(D.dtype)
     return dx, ddt, dA, dBC[0], dBC[1], dD, dz, dbias, dinit
 
 

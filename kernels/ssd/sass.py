@@ -1,0 +1,38 @@
+"""Registers and spills of the fused SSD kernels, compiled for sm_90 without a GPU.
+
+    python -m kernels.ssd.sass
+
+Each fused kernel at 4 and 8 warps (the autotuner's two configs), specialised as bench.py's
+calls at (b, l, h, p) = (64, 1024, 4, 64) make it (bf16 x, dt, B, C; fp32 A, D per head, dt_bias;
+softplus; no z; one group), for N = 64 (workbench) and N = 128 (paper). STACK > 0 means spills.
+"""
+
+from kernels.sass import compile_sm90, resources
+from kernels.ssd import triton as ssd
+
+BF16_PTRS = {"x_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "out_ptr", "ypre_ptr", "states_ptr",
+             "dstates_ptr", "dx_ptr", "dz_ptr", "ddt_ptr", "dB_ptr", "dC_ptr"}
+
+
+def main():
+    b, l, h, p = 64, 1024, 4, 64
+    for n in (64, 128):
+        ints = dict(seqlen=l, nheads=h, headdim=p, dstate=n, heads_per_group=h,
+                    s_x_b=l * h * p, s_x_l=h * p, s_x_h=p, s_z_b=l * h * p, s_z_l=h * p, s_z_h=p,
+                    s_dt_b=l * h, s_dt_l=h, s_dt_h=1, s_B_b=l * n, s_B_l=n, s_B_g=n, s_C_b=l * n, s_C_l=n, s_C_g=n)
+        flags = dict(HAS_Z=False, HAS_DT_BIAS=True, DT_SOFTPLUS=True, BLOCK_T=64, BLOCK_P=p, BLOCK_N=n)
+        with_d = dict(flags, HAS_D=True, D_PER_P=False)
+        kernels = {
+            "_fused_fwd_kernel": dict(with_d, HAS_INIT=False, STORE_STATES=True, STORE_FINAL=False, STORE_YPRE=False),
+            "_fused_dstate_bwd_kernel": dict(flags, HAS_DFINAL=False, HAS_INIT=False),
+            "_fused_block_bwd_kernel": with_d,
+        }
+        for name, consts in kernels.items():
+            for warps in (4, 8):
+                res = resources(compile_sm90(getattr(ssd, name), consts, ints, BF16_PTRS, warps))
+                print(f"N={n} {name} warps={warps}: {res.get('REG')} registers, stack {res.get('STACK')} bytes",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()
