@@ -116,9 +116,12 @@ def _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS: tl.constexpr):
 @triton.jit
 def _load_D(D_ptr, hh, headdim, offs_p, mask_p, D_PER_P: tl.constexpr):
     """D of head hh in fp32: its (P,) row (D_PER_P) or its scalar; either broadcasts over (tokens, P)."""
+    # One return: triton 3.6 rejects returns of different shapes even under a constexpr branch.
     if D_PER_P:
-        return tl.load(D_ptr + hh * headdim + offs_p, mask=mask_p, other=0.0).to(tl.float32)
-    return tl.load(D_ptr + hh).to(tl.float32)
+        Dv = tl.load(D_ptr + hh * headdim + offs_p, mask=mask_p, other=0.0)
+    else:
+        Dv = tl.load(D_ptr + hh)
+    return Dv.to(tl.float32)
 
 
 @triton.jit
