@@ -17,8 +17,7 @@ CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
 def compile_sm90(kernel, constexprs: dict, ints: dict, bf16_ptrs: set, num_warps: int, maxnreg: int | None = None):
     """Compile as a launch with these int arguments would: pointers 16-byte aligned (bf16 where named
     in `bf16_ptrs`, else fp32), ints equal to 1 turned into constants, ints divisible by 16 marked so."""
-    if isinstance(kernel, triton.runtime.Autotuner):
-        kernel = kernel.fn
+    kernel = kernel.jit  # through `fast_launch` (and an autotuner) to the @triton.jit function
     signature, attrs, constexprs = {}, {}, dict(constexprs)
     for i, name in enumerate(kernel.arg_names):
         if name in constexprs:

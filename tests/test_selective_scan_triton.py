@@ -251,6 +251,8 @@ def test_cuda_graph_replay():
         captured = step()
     graph.replay()
     torch.cuda.synchronize()
-    for a, b in zip(eager, captured):
-        assert rel_err(b, a) < 1e-5  # dB, dC use atomics: equal up to summation order
+    for name, a, b in zip(("y", *NAMES), eager, captured):
+        # fp32 atomics sum dB and dC over channels in any order, and a last-bit difference can round
+        # to the neighbouring bf16 value: a few elements one bf16 step (2^-8 relative) apart.
+        assert rel_err(b, a) < (1e-3 if name in ("B", "C") else 1e-5), name
 

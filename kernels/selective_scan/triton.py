@@ -40,6 +40,7 @@ import triton
 import triton.language as tl
 
 from kernels import cdiv, next_pow2
+from kernels.launch import fast_launch
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(v) = exp2(v·log2 e): ex2 is the native instruction
 
@@ -124,6 +125,7 @@ def _load_dout(dy_row, z_row, offs_l, mask, HAS_Z: tl.constexpr):
     return dy, dy
 
 
+@fast_launch
 @triton.jit
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
@@ -208,6 +210,7 @@ def _selective_scan_fwd_kernel(
         tl.store(y_row + offs_l[None, :], y, mask=mask)
 
 
+@fast_launch
 @triton.jit
 def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dy_ptr,
@@ -359,6 +362,7 @@ def _selective_scan_bwd_kernel(
         tl.store(dbias_ptr + part, dbias_acc)
 
 
+@fast_launch
 @triton.jit
 def _selective_state_update_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr,

@@ -206,11 +206,9 @@ def profile(b, l, h, p, n, path):
 def report_kernels():
     """Registers and spills of every compiled variant of our kernels (the compiler's resource report)."""
     for name in dir(ours):
-        fn = getattr(ours, name)
-        fn = getattr(fn, "fn", fn)  # through the autotuner
-        caches = getattr(fn, "device_caches", None)
-        if not name.startswith("_") or not name.endswith("_kernel") or caches is None:
+        if not name.startswith("_") or not name.endswith("_kernel"):
             continue
+        caches = getattr(ours, name).jit.device_caches  # through `fast_launch` to the JIT function
         for cache in caches.values():
             for kernel in (cache[0] if isinstance(cache, tuple) else cache).values():
                 try:

@@ -54,6 +54,7 @@ import triton
 import triton.language as tl
 
 from kernels import cdiv, next_pow2
+from kernels.launch import fast_launch
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Every matrix-product dimension (rows, tokens, P, N) is tiled by at least 64 on the GPU: on Hopper,
@@ -124,6 +125,7 @@ def _load_D(D_ptr, hh, headdim, offs_p, mask_p, D_PER_P: tl.constexpr):
     return Dv.to(tl.float32)
 
 
+@fast_launch
 @triton.jit
 def _chunk_state_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr,
@@ -193,6 +195,7 @@ def _chunk_state_fwd_kernel(
     tl.store(st_ptrs, acc, mask=(offs_p[:, None] < headdim) & (offs_n[None, :] < dstate))
 
 
+@fast_launch
 @triton.jit
 def _state_passing_kernel(
     states_ptr, cs_ptr, init_ptr, final_ptr,
@@ -235,6 +238,7 @@ _SCAN_FWD_CONFIGS = [
 ]
 
 
+@fast_launch
 @_autotune(_SCAN_FWD_CONFIGS, key=["chunk_size", "headdim", "dstate", "IS_FP32"])
 @triton.jit
 def _chunk_scan_fwd_kernel(
@@ -320,6 +324,7 @@ def _chunk_scan_fwd_kernel(
     tl.store(out_ptr + out_off, acc, mask=mask_mp)
 
 
+@fast_launch
 @triton.jit
 def _chunk_dstate_bwd_kernel(
     dout_ptr, z_ptr, x_ptr, C_ptr, cs_ptr, dstates_ptr, dD_ptr,
@@ -380,6 +385,7 @@ _SCAN_BWD_CONFIGS = [
 _SCAN_BWD_KEY = ["chunk_size", "headdim", "dstate", "heads_per_split", "IS_FP32"]
 
 
+@fast_launch
 @_autotune(_SCAN_BWD_CONFIGS, key=_SCAN_BWD_KEY)
 @triton.jit
 def _chunk_scan_bwd_dx_kernel(
@@ -488,6 +494,7 @@ def _chunk_scan_bwd_dx_kernel(
     tl.store(dB_ptr + bc_off + offs_n[None, :], dB_acc, mask=mask_mn)
 
 
+@fast_launch
 @_autotune(_SCAN_BWD_CONFIGS, key=_SCAN_BWD_KEY)
 @triton.jit
 def _chunk_scan_bwd_dc_kernel(
@@ -578,6 +585,7 @@ def _chunk_scan_bwd_dc_kernel(
     tl.store(dC_ptr + bc_off + offs_n[None, :], dC_acc, mask=mask_mn)
 
 
+@fast_launch
 @triton.jit
 def _dt_bwd_kernel(
     dt_ptr, A_ptr, dt_bias_ptr, dtp_ptr, ddt_in_ptr, dcs_out_ptr, dcs_in_ptr, dq_ptr, dcs_chunk_ptr,
@@ -655,6 +663,7 @@ def _load_state(ptrs, mask_pn, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRE
     return tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
 
 
+@fast_launch
 @_autotune(_FUSED_CONFIGS, key=_FUSED_KEY)
 @triton.jit
 def _fused_fwd_kernel(
@@ -728,6 +737,7 @@ def _fused_fwd_kernel(
         tl.store(final_ptr + head_state + state_off, S, mask=mask_pn)
 
 
+@fast_launch
 @_autotune(_FUSED_CONFIGS, key=_FUSED_KEY)
 @triton.jit
 def _fused_dstate_bwd_kernel(
@@ -773,6 +783,7 @@ def _fused_dstate_bwd_kernel(
         tl.store(dinit_ptr + head_state + state_off, G, mask=mask_pn)
 
 
+@fast_launch
 @_autotune(_FUSED_CONFIGS, key=_FUSED_KEY)
 @triton.jit
 def _fused_block_bwd_kernel(
@@ -885,6 +896,7 @@ def _fused_block_bwd_kernel(
     tl.store(part + 1, tl.sum(ddt))
 
 
+@fast_launch
 @triton.jit
 def _ssd_step_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, out_ptr,
