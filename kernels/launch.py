@@ -12,7 +12,7 @@ Triton, which compiles, autotunes and launches; the compiled kernel it chose is 
 later calls with the same key launch it directly. The key holds more than Triton specialises on, so
 one key never needs two compiled kernels: the device, every int argument's value, every tensor's dtype
 and whether its address is 16-byte aligned, and every keyword. Under TRITON_INTERPRET=1 there is no
-compiled kernel, and every call goes through Triton.
+compiled kernel: `fast_launch` then returns the kernel as it is.
 """
 
 import os
@@ -20,7 +20,7 @@ import os
 import torch
 import triton
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interpreter: no compiled kernels
 _MAX_KEYS = 256  # a kernel called at ever new shapes (a sweep over lengths) starts over past this
 
 
@@ -46,9 +46,6 @@ class FastLaunch:
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
     def _launch(self, grid, args, kwargs):
-        if _INTERPRET:
-            self.kernel[grid](*args, **kwargs)
-            return
         key = launch_key(torch.cuda.current_device(), args, kwargs)
         entry = self.compiled.get(key)
         if entry is None:
@@ -73,6 +70,6 @@ class FastLaunch:
         self.compiled[key] = (compiled, tuple(options[p.name] for p in params))
 
 
-def fast_launch(kernel) -> FastLaunch:
+def fast_launch(kernel):
     """Decorator: `kernel[grid](...)` as before, launched directly once Triton has compiled it."""
-    return FastLaunch(kernel)
+    return kernel if INTERPRET else FastLaunch(kernel)

@@ -10,6 +10,7 @@ import itertools
 import math
 import shutil
 import time
+import zipfile
 from pathlib import Path
 
 import optuna
@@ -86,15 +87,11 @@ def _reason(error: BaseException) -> str:
 
 def resumable(run_dir) -> Path | None:
     """The last checkpoint that an interrupted earlier attempt of this slot left, or None when there
-    is none or it does not load (a worker killed while writing it)."""
+    is none or it is cut short (a worker killed while writing it). torch.save writes a zip archive
+    whose directory comes last, so checking for that directory reads the file's tail only, not the
+    whole checkpoint that Lightning loads again to resume."""
     last = Path(run_dir) / "checkpoints" / "last.ckpt"
-    if not last.is_file():
-        return None
-    try:
-        torch.load(last, map_location="cpu", weights_only=False)
-    except Exception:
-        return None
-    return last
+    return last if last.is_file() and zipfile.is_zipfile(last) else None
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, sweep: Sweep, train) -> None:

@@ -54,7 +54,7 @@ def main():
             else:
                 kernel = ss._selective_scan_bwd_kernel
                 consts = dict(flags, MULTI_CHUNK=nchunks > 1, BLOCK_D=bd, BLOCK_L=bl,
-                              VEC=min(max(bl // (32 * nw), 1), 8), REVERSE_BY_THREAD=rev[0])
+                              VEC=ss._vec(bl, nw), REVERSE_BY_THREAD=rev[0])
             ops, res = inner_loop_ops(compile_sm90(kernel, consts, ints, BF16_PTRS, nw, maxnreg))
             updates = bd * bl // (32 * nw)  # state updates a thread makes per n
             total = sum(ops.values())

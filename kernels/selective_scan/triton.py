@@ -33,14 +33,13 @@ launcher sums. The reverse scan composes each thread's steps before it scans acr
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels import cdiv, next_pow2
-from kernels.launch import fast_launch
+from kernels.launch import INTERPRET, fast_launch
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(v) = exp2(v·log2 e): ex2 is the native instruction
 
@@ -402,10 +401,6 @@ def _selective_state_update_kernel(
     tl.store(y_ptr + pid_b * s_y_b + offs_d * s_y_d, y, mask=mask_d)
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 def _pow2_divisor(n: int, cap: int) -> int:
     """Largest power of two <= cap dividing n: a channel block must not straddle two groups."""
     p = 1
@@ -433,10 +428,15 @@ _BWD_TILE = {"per_thread": 4, "num_warps": 1, "maxnreg": None, "reverse_by_threa
 def _tile(cfg: dict, block_l: int, channels_per_group: int) -> dict:
     """cfg with per_thread turned into block_d; a single warp under the interpreter, where warps
     mean nothing."""
-    num_warps = 1 if _interpreting() else cfg["num_warps"]
+    num_warps = 1 if INTERPRET else cfg["num_warps"]
     cap = max(cfg["per_thread"] * 32 * num_warps // block_l, 1)
     tile = {k: v for k, v in cfg.items() if k != "per_thread"}
     return {**tile, "block_d": _pow2_divisor(channels_per_group, cap), "num_warps": num_warps}
+
+
+def _vec(block_l: int, num_warps: int) -> int:
+    """Consecutive steps a thread holds in the backward's (BLOCK_D, BLOCK_L) tiles (1 to 8)."""
+    return min(max(block_l // (32 * num_warps), 1), 8)
 
 
 def _lastdim_contiguous(t):
@@ -508,7 +508,7 @@ def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, MULTI_CHUNK=nchunks > 1,
         BLOCK_D=tile["block_d"], BLOCK_L=block_l,
-        VEC=min(max(block_l // (32 * tile["num_warps"]), 1), 8),
+        VEC=_vec(block_l, tile["num_warps"]),
         REVERSE_BY_THREAD=tile["reverse_by_thread"],
         num_warps=tile["num_warps"], maxnreg=tile["maxnreg"],
     )
@@ -600,6 +600,6 @@ def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias
         zz.stride(0), zz.stride(1), y.stride(0), y.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=dt_bias is not None,
         SOFTPLUS=bool(dt_softplus), BLOCK_D=block_d, BLOCK_N=block_n,
-        num_warps=1 if _interpreting() else 4,
+        num_warps=1 if INTERPRET else 4,
     )
     return y

@@ -174,17 +174,21 @@ def time_shape(b, l, h, p, n, mamba, paths=PATHS):
     return row
 
 
-def profile(b, l, h, p, n, path):
-    """Print the GPU time of each of our kernels in one forward+backward on `path`, and the host time."""
-    t = make_inputs(b, l, h, p, n)
-    dy = torch.randn(b, l, h, p, device="cuda", dtype=DTYPE)
-
-    @functools.partial(with_path, path)
+def scan_fwdbwd(t: dict, dy, path: str):
+    """One forward+backward of `ssd_scan_triton` on `path`, in the bench's setting, with inputs t (as from
+    `make_inputs`) and output gradient dy."""
     def fwdbwd():
         y = ssd_scan_triton(t["x"], t["dt"], t["A"], t["B"], t["C"], CHUNK, D=t["D"], dt_bias=t["dt_bias"],
                             dt_softplus=True)
         torch.autograd.grad(y, list(t.values()), dy)
 
+    return with_path(path, fwdbwd)
+
+
+def profile(b, l, h, p, n, path):
+    """Print the GPU time of each of our kernels in one forward+backward on `path`, and the host time."""
+    dy = torch.randn(b, l, h, p, device="cuda", dtype=DTYPE)
+    fwdbwd = scan_fwdbwd(make_inputs(b, l, h, p, n), dy, path)
     for _ in range(3):
         fwdbwd()
     torch.cuda.synchronize()
@@ -257,14 +261,7 @@ def host_us(path: str, repeats: int = 7, calls: int = 200) -> float:
     t = {k: v.requires_grad_() for k, v in dict(
         x=torch.randn(b, l, h, p), dt=torch.randn(b, l, h), A=-torch.rand(h), B=torch.randn(b, l, 1, n),
         C=torch.randn(b, l, 1, n), D=torch.randn(h), dt_bias=torch.randn(h)).items()}
-    dy = torch.randn(b, l, h, p)
-
-    @functools.partial(with_path, path)
-    def fwdbwd():
-        y = ssd_scan_triton(t["x"], t["dt"], t["A"], t["B"], t["C"], CHUNK, D=t["D"], dt_bias=t["dt_bias"],
-                            dt_softplus=True)
-        torch.autograd.grad(y, list(t.values()), dy)
-
+    fwdbwd = scan_fwdbwd(t, torch.randn(b, l, h, p), path)
     try:
         for name in kernels:
             setattr(ours, name, NoLaunch())

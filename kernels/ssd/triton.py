@@ -47,31 +47,30 @@ Everything is asynchronous and shape-driven (no host reads of device data), so a
 calls these can be captured in a CUDA graph (after a first call has compiled and autotuned them).
 """
 
-import os
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
 from kernels import cdiv, next_pow2
-from kernels.launch import fast_launch
+from kernels.launch import INTERPRET, fast_launch
 
-_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Every matrix-product dimension (rows, tokens, P, N) is tiled by at least 64 on the GPU: on Hopper,
 # Triton 3.4-3.6 miscompiles kernels holding two or more tl.dot with 16- or 32-wide tiles (illegal
 # memory accesses and silent corruption; seen here on tiny shapes, and worked around the same way in
 # pytorch/helion#1905). Smaller dimensions are masked. The interpreter keeps 16 for speed.
-_MIN_DOT = 16 if _INTERPRET else 64
+_MIN_DOT = 16 if INTERPRET else 64
 
 
 def _autotune(configs, key):
     """`triton.autotune` on the GPU; the interpreter cannot time kernels, so it gets the first config."""
-    return triton.autotune(configs=configs[:1] if _INTERPRET else configs, key=key)
+    return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key)
 
 
 # Triton 3.9's interpreter multiplies bf16 operands wrongly in tl.dot; fp32 operands give it the exact
 # products that the GPU's bf16 tensor cores accumulate in fp32.
-_DOT_IN_FP32 = tl.constexpr(_INTERPRET)
+_DOT_IN_FP32 = tl.constexpr(INTERPRET)
 
 
 @triton.jit
@@ -943,6 +942,7 @@ def _pow2(v: int, lo: int = _MIN_DOT) -> int:
     return max(lo, next_pow2(v))
 
 
+@functools.cache  # asked on every call (`_use_fused`) and in `_ssd_bwd`'s split loop
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
@@ -1080,7 +1080,7 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
 # Which path `ssd_scan_triton` takes: "auto" takes the fused kernels when the b·h programs fill the GPU,
 # "fused" and "chunked" force one (for tests and benchmarks).
 PATH = "auto"
-_FUSED_T = 16 if _INTERPRET else 64  # tokens a block on the fused path
+_FUSED_T = 16 if INTERPRET else 64  # tokens a block on the fused path
 
 
 def _use_fused(batch: int, nheads: int, device: torch.device) -> bool:
