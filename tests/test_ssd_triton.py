@@ -135,10 +135,26 @@ def test_matches_reference(case, path):
 
 
 def test_auto_path_fills_the_gpu_with_fused_programs():
-    """The fused path runs b·h programs: "auto" takes it once they fill the multiprocessors."""
+    """The fused path runs b·h programs: "auto" takes it once they fill the multiprocessors, or 3/8 of
+    them when a backward follows (its backward's block kernel is parallel over blocks)."""
+    sms, dev = ssd_triton._num_sms(torch.device(DEVICE)), torch.device(DEVICE)
+    low = sms * 3 // 8
+    assert ssd_triton._use_fused(sms, 1, dev, False) and not ssd_triton._use_fused(1, sms - 1, dev, False)
+    assert ssd_triton._use_fused(1, low, dev, True) and not ssd_triton._use_fused(1, low - 1, dev, True)
+
+
+def test_auto_path_follows_grad(monkeypatch):
+    """Which path the forward takes depends on whether a backward will follow."""
     sms = ssd_triton._num_sms(torch.device(DEVICE))
-    assert ssd_triton._use_fused(sms, 1, torch.device(DEVICE))
-    assert not ssd_triton._use_fused(1, sms - 1, torch.device(DEVICE))
+    case = Case(1, 20, sms * 3 // 8, 16, 16, 1, 16)  # b·h: 3/8 of the multiprocessors
+    taken = []
+    real = ssd_triton._use_fused
+    monkeypatch.setattr(ssd_triton, "_use_fused", lambda *a: taken.append(real(*a)) or taken[-1])
+    x = make_inputs(case)
+    with torch.no_grad():
+        ssd_scan(**x, chunk_size=case.Q, backend="triton")
+    ssd_scan(**x, chunk_size=case.Q, backend="triton")
+    assert taken == [False, True]
 
 
 def test_dispatch_reaches_triton():

@@ -29,9 +29,9 @@ SHAPES = [(64, 256, 1024, 16), (8, 2048, 2048, 16)]  # (b, d, l, n)
 # (BLOCK_D, BLOCK_L, num_warps, maxnreg[, reverse_by_thread]); maxnreg None: the compiler's
 # choice. The backward's BLOCK_D channels sit in each thread when BLOCK_L = 32·warps·(steps a
 # thread), as in (2, 128, 1). See NOTES.md.
-FWD_TILES = [(2, 128, 1, None), (1, 256, 1, None), (1, 512, 1, None)]
-BWD_TILES = [(1, 128, 1, None, True), (1, 128, 1, 96, True), (2, 128, 1, None, True), (2, 128, 1, 128, True),
-             (2, 128, 1, 168, False), (1, 256, 1, None, False)]
+FWD_TILES = [(2, 128, 1, None), (1, 128, 1, None), (1, 64, 1, None), (1, 512, 1, None)]
+BWD_TILES = [(1, 128, 1, None, True), (1, 128, 1, 80, True), (1, 128, 1, 64, True), (1, 64, 1, None, True),
+             (1, 64, 1, 64, True), (2, 64, 1, None, True), (2, 128, 1, 128, True)]
 
 
 def emit(kind, row):

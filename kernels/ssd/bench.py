@@ -9,7 +9,7 @@ plus the IO floor (bytes every input is read and every output written once, over
 device-to-device copy bandwidth) and the time of one training step of a 2-layer Mamba-2 LM with
 the Triton path against the reference.
 
-    python -m kernels.ssd.bench [--shapes workbench,paper] [--paths fused,chunked] [--json out.json] [--no-lm]
+    python -m kernels.ssd.bench [--shapes workbench,paper,batch] [--paths fused,chunked] [--json out.json] [--no-lm]
     python -m kernels.ssd.bench --host     # CPU only: host time per call with the launches stubbed
 
 mamba_ssm is optional (its column reads n/a without it). A wheel built with MAMBA_SKIP_CUDA_BUILD
@@ -38,6 +38,8 @@ from kernels.ssd.triton import ssd_scan_triton
 SHAPES = {  # (b, l, h, p, n)
     "workbench": [(64, 1024, 4, 64, 64), (256, 256, 8, 32, 64)],
     "paper": [(4, 4096, 64, 64, 128), (2, 16384, 32, 64, 128)],
+    # b·h below and around the 132 SMs of an H200: where `_use_fused` switches paths
+    "batch": [(1, 16384, 32, 64, 128), (2, 16384, 32, 64, 128), (3, 16384, 32, 64, 128)],
 }
 CHUNK = 256
 DTYPE = torch.bfloat16
@@ -150,7 +152,8 @@ def time_shape(b, l, h, p, n, mamba, paths=PATHS):
     if mamba is not None:  # last: a failed graph capture of it must not disturb the others
         impls["mamba"] = lambda: mamba(*scan_in, **args)
 
-    row = dict(auto="fused" if ours._use_fused(b, h, torch.device("cuda")) else "chunked")
+    row = {f"auto_{key}": "fused" if ours._use_fused(b, h, torch.device("cuda"), key == "fwdbwd") else "chunked"
+           for key in ("fwd", "fwdbwd")}
     with torch.no_grad():
         ref = impls["ref"]().float()
         for name in ("fused", "chunked", "mamba"):
@@ -338,7 +341,7 @@ def main():
         return f"{row[key]:.3f}" if key in row else "n/a"
 
     def ratio(row, key):
-        m, o = row.get(f"mamba_{key}"), row.get(f"{row['auto']}_{key}")
+        m, o = row.get(f"mamba_{key}"), row.get(f"{row[f'auto_{key}']}_{key}")
         return f"{m / o:.1f}x" if m and o else "n/a"
 
     print(f"\n{info['device']}, torch {info['torch']}, triton {info['triton']}, bf16, chunk {CHUNK}; "
@@ -351,7 +354,7 @@ def main():
         for key in ("fwd", "fwdbwd"):
             cells = [str(tuple(row["shape"])), "fwd" if key == "fwd" else "fwd+bwd",
                      *(cell(row, f"{path}{graph}_{key}") for path in PATHS for graph in ("", "_graph")),
-                     cell(row, f"mamba_{key}"), cell(row, f"mamba_graph_{key}"), f"{ratio(row, key)} ({row['auto']})",
+                     cell(row, f"mamba_{key}"), cell(row, f"mamba_graph_{key}"), f"{ratio(row, key)} ({row[f'auto_{key}']})",
                      cell(row, f"sdpa_{key}"), cell(row, f"ref_{key}"), f"{row[f'io_{key}']:.3f}"]
             print("| " + " | ".join(cells) + " |")
     if lm:

@@ -8,7 +8,8 @@ with respect to the state leaving a chunk, seen from the tokens after it.
 Per head:  h_t = exp(Δ_t·A)·h_{t−1} + Δ_t·x_t B_tᵀ,   y_t = (h_t C_t + D·x_t)·silu(z_t).
 
 Two paths compute the same function; `ssd_scan_triton` takes the fused one when its b·h programs fill
-the GPU (`_use_fused`), which is the workbench's case, and the chunked one for a few long sequences.
+the GPU, or 3/8 of it for training (`_use_fused`), which is the workbench's case, and the chunked one
+for a few long sequences.
 
 Fused path (blocks of T = 64 tokens; 1 launch forward, 2 backward):
   `_fused_fwd_kernel`         per b·h: the blocks in order, the state in registers; y, and every block's
@@ -1078,15 +1079,21 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
 
 
 # Which path `ssd_scan_triton` takes: "auto" takes the fused kernels when the b·h programs fill the GPU,
-# "fused" and "chunked" force one (for tests and benchmarks).
+# or 3/8 of it when a backward follows; "fused" and "chunked" force one (for tests and benchmarks).
 PATH = "auto"
 _FUSED_T = 16 if INTERPRET else 64  # tokens a block on the fused path
 
 
-def _use_fused(batch: int, nheads: int, device: torch.device) -> bool:
+def _use_fused(batch: int, nheads: int, device: torch.device, for_backward: bool) -> bool:
+    """Fused or chunked, from how many fused programs there are. Measured on an H200 (132 SMs) at
+    l = 16384, h = 32, p = 64, n = 128 (BENCHMARKS.md, "v7"): forward+backward, fused beats chunked at
+    b·h = 64 (3.53 against 4.09 ms) but not at 32 (2.91 against 2.14), so from ~3/8 of the SMs (the
+    crossover of the two lines through those points is at b·h ≈ 50); the forward alone only from
+    b·h ≈ 96 (1.36 against 1.43 ms), and clearly at 256 (0.44 against 0.95)."""
     if PATH != "auto":
         return PATH == "fused"
-    return batch * nheads >= _num_sms(device)
+    sms = _num_sms(device)
+    return batch * nheads >= (sms * 3 // 8 if for_backward else sms)
 
 
 def _fused_strides(x, zz, dt, B, C) -> tuple[int, ...]:
@@ -1175,7 +1182,7 @@ class _SSDScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states,
                 for_backward):
-        ctx.fused = _use_fused(x.shape[0], x.shape[2], x.device)
+        ctx.fused = _use_fused(x.shape[0], x.shape[2], x.device, for_backward)
         if ctx.fused:
             out, final, saved = _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus,
                                            store_final=return_final_states, for_backward=for_backward)
