@@ -943,6 +943,12 @@ def _pow2(v: int, lo: int = _MIN_DOT) -> int:
     return max(lo, next_pow2(v))
 
 
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    # `t.to(dtype)` returns t itself when the dtype matches, but still pays a dispatch (~5 µs of host
+    # time here); a forward+backward on either path makes several.
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 @functools.cache  # asked on every call (`_use_fused`) and in `_ssd_bwd`'s split loop
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
@@ -1067,14 +1073,14 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
         num_warps=4,
     )
 
-    dB = dB[0] if nsplit == 1 else dB.sum(0).to(B.dtype)
-    dC = dC[0] if nsplit == 1 else dC.sum(0).to(C.dtype)
+    dB = dB[0] if nsplit == 1 else _cast(dB.sum(0), B.dtype)
+    dC = dC[0] if nsplit == 1 else _cast(dC.sum(0), C.dtype)
     dA_dbias = dt_parts.sum((1, 3))  # (2, h); without dt_bias its second row is unwritten and unused
-    dA = dA_dbias[0].to(A.dtype)
-    dbias = dA_dbias[1].to(dt_bias.dtype) if dt_bias is not None else None
+    dA = _cast(dA_dbias[0], A.dtype)
+    dbias = _cast(dA_dbias[1], dt_bias.dtype) if dt_bias is not None else None
     dD = None
     if D is not None:
-        dD = dD_part.sum((0, 1) if D.dim() == 2 else (0, 1, 3)).to(D.dtype)  # (h, p) or (h,)
+        dD = _cast(dD_part.sum((0, 1) if D.dim() == 2 else (0, 1, 3)), D.dtype)  # (h, p) or (h,)
     return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit
 
 
@@ -1160,16 +1166,16 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     # (one head a group) or bf16, whose 8-bit mantissa a few more roundings before the sum do not change.
     dBC = torch.empty(2, batch, seqlen, nheads, dstate, device=x.device,
                       dtype=B.dtype if hpg == 1 or B.dtype == torch.bfloat16 else torch.float32)
+    dB, dC = dBC.unbind(0)
     part = torch.empty(batch, nheads, nblocks, 2 + headdim, device=x.device, dtype=torch.float32)
     _fused_block_bwd_kernel[(nblocks, batch * nheads)](
         x, dt, A, bias_arg, B, C, D if D is not None else A, zz, dout, ypre if ypre is not None else dout,
-        states, dstates, dx, dz if dz is not None else dx, ddt, dBC[0], dBC[1], part,
+        states, dstates, dx, dz if dz is not None else dx, ddt, dB, dC, part,
         seqlen, nheads, headdim, dstate, hpg, *_fused_strides(x, zz, dt, B, C),
         **flags, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, **blocks,
     )
     if hpg > 1:
-        dBC = _cast(dBC.unflatten(3, (ngroups, hpg)).sum(4), B.dtype)  # (2, b, l, g, n)
-    dB, dC = dBC.unbind(0)
+        dB, dC = _cast(dBC.unflatten(3, (ngroups, hpg)).sum(4), B.dtype).unbind(0)  # (b, l, g, n) each
     part = part.sum((0, 2))  # (h, 2 + p)
     dA = _cast(part[:, 0], A.dtype)
     dbias = _cast(part[:, 1], dt_bias.dtype) if dt_bias is not None else None
@@ -1214,12 +1220,6 @@ class _SSDScanFn(torch.autograd.Function):
         return dx, ddt, dA, dB, dC, None, dD, dz, dbias, dinit, None, None, None
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    # `t.to(dtype)` returns t itself when the dtype matches, but still pays a dispatch (~5 µs of host
-    # time here); a call of the fused path makes several.
-    return t if t.dtype == dtype else t.to(dtype)
-
-
 def _check(name, t, shape):
     if tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}")
@@ -1258,8 +1258,8 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt
     if initial_states is not None:
         _check("initial_states", initial_states, (batch, nheads, headdim, dstate))
     # Unit stride on the last axis keeps loads coalesced; B and C join x's dtype for the tensor cores.
-    x, z = (t if t is None or t.stride(-1) == 1 else t.contiguous() for t in (x, z))
-    B, C = (_cast(t, x.dtype) if t.stride(-1) == 1 else _cast(t, x.dtype).contiguous() for t in (B, C))
+    x, z, B, C = (t if t is None or t.stride(-1) == 1 else t.contiguous()
+                  for t in (x, z, _cast(B, x.dtype), _cast(C, x.dtype)))
     D = D.contiguous() if D is not None else None
     tensors = (x, dt, A, B, C, D, z, dt_bias, initial_states)
     for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
