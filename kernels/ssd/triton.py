@@ -1093,7 +1093,7 @@ _FUSED_T = 16 if INTERPRET else 64  # tokens a block on the fused path
 def _use_fused(batch: int, nheads: int, device: torch.device, for_backward: bool) -> bool:
     """Fused or chunked, from how many fused programs there are. Measured on an H200 (132 SMs) at
     l = 16384, h = 32, p = 64, n = 128 (BENCHMARKS.md, "v7"): forward+backward, fused beats chunked at
-    b·h = 64 (3.53 against 4.09 ms) but not at 32 (2.91 against 2.14), so from ~3/8 of the SMs (the
+    b·h = 64 (3.52 against 4.09 ms graphed) but not at 32 (2.91 against 2.14), so from ~3/8 of the SMs (the
     crossover of the two lines through those points is at b·h ≈ 50); the forward alone only from
     b·h ≈ 96 (1.36 against 1.43 ms), and clearly at 256 (0.44 against 0.95)."""
     if PATH != "auto":
