@@ -898,6 +898,56 @@ def _fused_block_bwd_kernel(
 
 @fast_launch
 @triton.jit
+def _fused_bwd_sums_kernel(
+    dbc_ptr, dbc_out_ptr, part_ptr, dA_ptr, dbias_ptr, dD_ptr,
+    rows, batch, nheads, headdim, dstate, nblocks, heads_per_group, bc_programs,
+    HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """What `_fused_block_bwd_kernel` leaves as partial sums, summed in one launch (each torch call it
+    replaces costs the host about as much as a launch):
+      programs [0, bc_programs): dB and dC per head, (2, rows, heads_per_group, N) with rows = b·l·g,
+        summed over the group's heads into (2, rows, N) in the output dtype;
+      the next h programs, one a head: part (b·h, blocks, 2 + P) summed over batch and blocks into
+        dA, d dt_bias and dD, each stored in its own dtype."""
+    pid = tl.program_id(0)
+    if pid < bc_programs:
+        w = pid % 2  # 0: dB, 1: dC
+        offs_r = (pid // 2) * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_n = tl.arange(0, BLOCK_N)
+        mask = (offs_r < rows)[:, None] & (offs_n < dstate)[None, :]
+        src = dbc_ptr + w.to(tl.int64) * rows * heads_per_group * dstate
+        src += offs_r[:, None].to(tl.int64) * heads_per_group * dstate + offs_n[None, :]
+        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        for j in range(heads_per_group):
+            acc += tl.load(src + j * dstate, mask=mask, other=0.0).to(tl.float32)
+        dst = dbc_out_ptr + w.to(tl.int64) * rows * dstate + offs_r[:, None].to(tl.int64) * dstate + offs_n[None, :]
+        tl.store(dst, acc, mask=mask)
+    else:
+        hh = pid - bc_programs
+        offs_k = tl.arange(0, BLOCK_K)
+        offs_c = tl.arange(0, BLOCK_C)
+        mask_c = offs_c < 2 + headdim
+        acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
+        for b in range(batch):
+            rows_bh = part_ptr + (b * nheads + hh).to(tl.int64) * nblocks * (2 + headdim)
+            for k0 in range(0, nblocks, BLOCK_K):
+                mask = ((k0 + offs_k) < nblocks)[:, None] & mask_c[None, :]
+                acc += tl.load(rows_bh + (k0 + offs_k)[:, None] * (2 + headdim) + offs_c[None, :], mask=mask,
+                               other=0.0)
+        col = tl.sum(acc, axis=0)  # (C,): [dA, d dt_bias, dD…]
+        tl.store(dA_ptr + hh, tl.sum(tl.where(offs_c == 0, col, 0.0)))
+        if HAS_DT_BIAS:
+            tl.store(dbias_ptr + hh, tl.sum(tl.where(offs_c == 1, col, 0.0)))
+        if HAS_D:
+            if D_PER_P:
+                tl.store(dD_ptr + hh * headdim + offs_c - 2, col, mask=(offs_c >= 2) & mask_c)
+            else:
+                tl.store(dD_ptr + hh, tl.sum(tl.where(offs_c == 2, col, 0.0)))
+
+
+@fast_launch
+@triton.jit
 def _ssd_step_kernel(
     state_ptr, x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dt_bias_ptr, out_ptr,
     nheads, headdim, dstate, heads_per_group,
@@ -1088,6 +1138,7 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
 # or 3/8 of it when a backward follows; "fused" and "chunked" force one (for tests and benchmarks).
 PATH = "auto"
 _FUSED_T = 16 if INTERPRET else 64  # tokens a block on the fused path
+_SUM_ROWS = 16 if INTERPRET else 64  # (b, l, g) rows a program of `_fused_bwd_sums_kernel` sums dB, dC over
 
 
 def _use_fused(batch: int, nheads: int, device: torch.device, for_backward: bool) -> bool:
@@ -1174,14 +1225,21 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
         seqlen, nheads, headdim, dstate, hpg, *_fused_strides(x, zz, dt, B, C),
         **flags, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, **blocks,
     )
-    if hpg > 1:
-        dB, dC = _cast(dBC.unflatten(3, (ngroups, hpg)).sum(4), B.dtype).unbind(0)  # (b, l, g, n) each
-    part = part.sum((0, 2))  # (h, 2 + p)
-    dA = _cast(part[:, 0], A.dtype)
-    dbias = _cast(part[:, 1], dt_bias.dtype) if dt_bias is not None else None
-    dD = None
-    if D is not None:
-        dD = _cast(part[:, 2:] if D.dim() == 2 else part[:, 2], D.dtype)
+    dA = torch.empty_like(A)
+    dbias = torch.empty_like(dt_bias) if dt_bias is not None else None
+    dD = torch.empty_like(D) if D is not None else None
+    rows = batch * seqlen * ngroups
+    bc_programs = 0
+    if hpg > 1:  # dB, dC (2, b, l, g, n): the per-head partials summed below
+        dBC_sum = torch.empty(2, batch, seqlen, ngroups, dstate, device=x.device, dtype=B.dtype)
+        dB, dC = dBC_sum.unbind(0)
+        bc_programs = 2 * cdiv(rows, _SUM_ROWS)
+    _fused_bwd_sums_kernel[(bc_programs + nheads,)](
+        dBC, dBC_sum if hpg > 1 else dBC, part, dA, dbias if dbias is not None else dA, dD if dD is not None else dA,
+        rows, batch, nheads, headdim, dstate, nblocks, hpg, bc_programs,
+        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_DT_BIAS=dt_bias is not None,
+        BLOCK_R=_SUM_ROWS, BLOCK_N=next_pow2(dstate), BLOCK_K=32, BLOCK_C=next_pow2(2 + headdim),
+    )
     return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit
 
 
