@@ -4,10 +4,12 @@
 
 Each fused kernel at 4 and 8 warps (the autotuner's two configs), specialised as bench.py's
 calls at (b, l, h, p) = (64, 1024, 4, 64) make it (bf16 x, dt, B, C; fp32 A, D per head, dt_bias;
-softplus; no z; one group), for N = 64 (workbench) and N = 128 (paper). STACK > 0 means spills.
+softplus; no z; one group), for N = 64 (workbench) and N = 128 (paper); the two sequential kernels also
+with a P slice of 32 (`_fused_block_p`, b·h below the SMs). STACK > 0 means spills. HGMMA counts the
+Hopper warpgroup matrix instructions (0: the products fell back to the older mma).
 """
 
-from kernels.sass import compile_sm90, resources
+from kernels.sass import compile_sm90, cuobjdump, resources
 from kernels.ssd import triton as ssd
 
 BF16_PTRS = {"x_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "out_ptr", "ypre_ptr", "states_ptr",
@@ -22,16 +24,20 @@ def main():
                     s_dt_b=l * h, s_dt_l=h, s_dt_h=1, s_B_b=l * n, s_B_l=n, s_B_g=n, s_C_b=l * n, s_C_l=n, s_C_g=n)
         flags = dict(HAS_Z=False, HAS_DT_BIAS=True, DT_SOFTPLUS=True, BLOCK_T=64, BLOCK_P=p, BLOCK_N=n)
         with_d = dict(flags, HAS_D=True, D_PER_P=False)
-        kernels = {
-            "_fused_fwd_kernel": dict(with_d, HAS_INIT=False, STORE_STATES=True, STORE_FINAL=False, STORE_YPRE=False),
-            "_fused_dstate_bwd_kernel": dict(flags, HAS_DFINAL=False, HAS_INIT=False),
-            "_fused_block_bwd_kernel": with_d,
-        }
-        for name, consts in kernels.items():
+        fwd = dict(with_d, HAS_INIT=False, STORE_STATES=True, STORE_FINAL=False, STORE_YPRE=False)
+        dstate = dict(flags, HAS_DFINAL=False, HAS_INIT=False)
+        kernels = [
+            ("_fused_fwd_kernel", fwd), ("_fused_fwd_kernel", dict(fwd, BLOCK_P=32)),
+            ("_fused_dstate_bwd_kernel", dstate), ("_fused_dstate_bwd_kernel", dict(dstate, BLOCK_P=32)),
+            ("_fused_block_bwd_kernel", with_d),
+        ]
+        for name, consts in kernels:
             for warps in (4, 8):
-                res = resources(compile_sm90(getattr(ssd, name), consts, ints, BF16_PTRS, warps))
-                print(f"N={n} {name} warps={warps}: {res.get('REG')} registers, stack {res.get('STACK')} bytes",
-                      flush=True)
+                compiled = compile_sm90(getattr(ssd, name), consts, ints, BF16_PTRS, warps)
+                res = resources(compiled)
+                hgmma = cuobjdump(compiled, "-sass").count("HGMMA.")
+                print(f"N={n} {name} P slice {consts['BLOCK_P']} warps={warps}: {res.get('REG')} registers, "
+                      f"stack {res.get('STACK')} bytes, {hgmma} HGMMA", flush=True)
 
 
 if __name__ == "__main__":

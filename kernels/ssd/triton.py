@@ -11,13 +11,15 @@ Two paths compute the same function; `ssd_scan_triton` takes the fused one when 
 the GPU, or 3/8 of it for training (`_use_fused`), which is the workbench's case, and the chunked one
 for a few long sequences.
 
-Fused path (blocks of T = 64 tokens; 1 launch forward, 2 backward):
-  `_fused_fwd_kernel`         per b·h: the blocks in order, the state in registers; y, and every block's
-                              entering state S for the backward.
-  `_fused_dstate_bwd_kernel`  per b·h: the blocks in reverse, G (the gradient of the state leaving each
-                              block) in registers; one matrix product a block.
+Fused path (blocks of T = 64 tokens; 1 launch forward, 3 backward):
+  `_fused_fwd_kernel`         per b·h (and slice of P, when b·h programs would leave SMs idle): the
+                              blocks in order, the state in registers; y, and every block's entering
+                              state S for the backward.
+  `_fused_dstate_bwd_kernel`  per b·h (and slice of P): the blocks in reverse, G (the gradient of the
+                              state leaving each block) in registers; one matrix product a block.
   `_fused_block_bwd_kernel`   per (block, b·h), all independent: dx, dz, dΔ, per-head dB and dC, and
                               partial sums of dA, d dt_bias and dD.
+  `_fused_bwd_sums_kernel`    dB and dC summed over a group's heads, and the partial sums reduced.
 Few launches matter as much as fast kernels here: at workbench shapes a launch costs the host about as
 much as the GPU time of a whole kernel.
 
@@ -656,11 +658,23 @@ def _block_dt(dt_ptrs, mask_t, bias, A, BLOCK_T: tl.constexpr, DT_SOFTPLUS: tl.c
 
 
 @triton.jit
-def _load_state(ptrs, mask_pn, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr, PRESENT: tl.constexpr):
-    """A (P, N) state in fp32, or zeros where none was given (no initial state, no final-state gradient)."""
+def _load_state(ptrs, mask, ROWS: tl.constexpr, COLS: tl.constexpr, PRESENT: tl.constexpr):
+    """A state tile (ROWS, COLS) in fp32, or zeros where none was given (no initial state, no final-state
+    gradient)."""
     if PRESENT:
-        return tl.load(ptrs, mask=mask_pn, other=0.0).to(tl.float32)
-    return tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)
+        return tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.zeros((ROWS, COLS), dtype=tl.float32)
+
+
+@triton.jit
+def _state_slice(offs_n, headdim, dstate, BLOCK_P: tl.constexpr):
+    """This program's columns of P (grid axis 1: the slices are independent in the sequential kernels), and
+    the (N, P) offsets and mask of its part of a state stored as contiguous (p, n): the sequential kernels
+    hold states transposed, so that the slice's P is the narrow side of every matrix product."""
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    mask_p = offs_p < headdim
+    state_off = offs_n[:, None] + offs_p[None, :] * dstate  # (N, P)
+    return offs_p, mask_p, state_off, (offs_n < dstate)[:, None] & mask_p[None, :]
 
 
 @fast_launch
@@ -676,7 +690,8 @@ def _fused_fwd_kernel(
     DT_SOFTPLUS: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr, STORE_FINAL: tl.constexpr,
     STORE_YPRE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    """One head of one sequence, block by block: with S the (P, N) state entering the block,
+    """One head of one sequence (or a slice of its P columns, which are independent), block by block:
+    with S the (P, N) state entering the block,
       y_t = Σ_{s ≤ t} exp(cs_t − cs_s)(C_t·B_s) Δ_s x_s + exp(cs_t) S C_t + D x_t  (then · silu(z_t)),
       S  ← exp(cs_end) S + Σ_s exp(cs_end − cs_s) Δ_s x_s B_sᵀ.
     The backward reads every block's entering state (`states`, (b·h, blocks, P, N)) and y before the gate."""
@@ -684,18 +699,15 @@ def _fused_fwd_kernel(
     b, hh, gg = _head(bh, nheads, heads_per_group)
     nblocks = tl.cdiv(seqlen, BLOCK_T)
     offs_t = tl.arange(0, BLOCK_T)
-    offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_p = offs_p < headdim
+    offs_p, mask_p, state_off, mask_np = _state_slice(offs_n, headdim, dstate, BLOCK_P)
     mask_n = offs_n < dstate
-    mask_pn = mask_p[:, None] & mask_n[None, :]
     causal = offs_t[:, None] >= offs_t[None, :]  # (T, T): token t reads tokens s ≤ t
     A, bias = _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS)
     if HAS_D:
         Dv = _load_D(D_ptr, hh, headdim, offs_p, mask_p, D_PER_P)
-    state_off = offs_p[:, None] * dstate + offs_n[None, :]  # (P, N) in a contiguous (p, n) state
     head_state = bh.to(tl.int64) * headdim * dstate  # this head's (P, N) in a (b·h, P, N) tensor
-    S = _load_state(init_ptr + head_state + state_off, mask_pn, BLOCK_P, BLOCK_N, HAS_INIT)
+    St = _load_state(init_ptr + head_state + state_off, mask_np, BLOCK_N, BLOCK_P, HAS_INIT)  # Sᵀ (N, P)
     x_base = x_ptr + b * s_x_b + hh * s_x_h
     z_base = z_ptr + b * s_z_b + hh * s_z_h
     dt_base = dt_ptr + b * s_dt_b + hh * s_dt_h
@@ -714,14 +726,14 @@ def _fused_fwd_kernel(
         Bt = tl.load(B_base + t[:, None] * s_B_l + offs_n[None, :], mask=mask_tn, other=0.0)  # (T, N)
         Ct = tl.load(C_base + t[:, None] * s_C_l + offs_n[None, :], mask=mask_tn, other=0.0)  # (T, N)
         if STORE_STATES:
-            tl.store(st_base + k * headdim * dstate + state_off, S.to(states_ptr.dtype.element_ty), mask=mask_pn)
+            tl.store(st_base + k * headdim * dstate + state_off, St.to(states_ptr.dtype.element_ty), mask=mask_np)
 
         decay = tl.exp(tl.where(causal, cs[:, None] - cs[None, :], float("-inf")))  # (T, T)
         cb = _dot(Ct, tl.trans(Bt))  # (T, T)
         y = _dot((cb * decay * dt[None, :]).to(x.dtype), x)  # (T, P)
-        y += _dot(Ct, tl.trans(S).to(Ct.dtype)) * tl.exp(cs)[:, None]
+        y += _dot(Ct, St.to(Ct.dtype)) * tl.exp(cs)[:, None]
         w = dt * tl.exp(cs_end - cs)  # (T,) Δ_s·exp(cs_end − cs_s)
-        S = S * tl.exp(cs_end) + _dot(tl.trans(x), (Bt * w[:, None]).to(Bt.dtype))  # (P, N)
+        St = St * tl.exp(cs_end) + _dot(tl.trans((Bt * w[:, None]).to(Bt.dtype)), x)  # (N, P)
 
         if HAS_D:
             y += x.to(tl.float32) * Dv
@@ -734,7 +746,7 @@ def _fused_fwd_kernel(
         tl.store(out_ptr + o_off, y, mask=mask_tp)
 
     if STORE_FINAL:
-        tl.store(final_ptr + head_state + state_off, S, mask=mask_pn)
+        tl.store(final_ptr + head_state + state_off, St, mask=mask_np)
 
 
 @fast_launch
@@ -749,19 +761,17 @@ def _fused_dstate_bwd_kernel(
 ):
     """The only sequential part of the backward: the blocks in reverse, G = ∂L/∂(state leaving the block)
     carried in registers and stored for every block ((b·h, blocks, P, N), like the forward's states):
-      G ← exp(cs_end) G + Σ_t exp(cs_t) dy_t C_tᵀ   (dy = dout·silu(z)); what is left is the initial state's."""
+      G ← exp(cs_end) G + Σ_t exp(cs_t) dy_t C_tᵀ   (dy = dout·silu(z)); what is left is the initial state's.
+    Like the forward, a program may take a slice of P."""
     bh = tl.program_id(0)
     b, hh, gg = _head(bh, nheads, heads_per_group)
     nblocks = tl.cdiv(seqlen, BLOCK_T)
     offs_t = tl.arange(0, BLOCK_T)
-    offs_p = tl.arange(0, BLOCK_P)
     offs_n = tl.arange(0, BLOCK_N)
-    mask_p = offs_p < headdim
-    mask_pn = mask_p[:, None] & (offs_n[None, :] < dstate)
+    offs_p, mask_p, state_off, mask_np = _state_slice(offs_n, headdim, dstate, BLOCK_P)
     A, bias = _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS)
-    state_off = offs_p[:, None] * dstate + offs_n[None, :]
     head_state = bh.to(tl.int64) * headdim * dstate
-    G = _load_state(dfinal_ptr + head_state + state_off, mask_pn, BLOCK_P, BLOCK_N, HAS_DFINAL)
+    Gt = _load_state(dfinal_ptr + head_state + state_off, mask_np, BLOCK_N, BLOCK_P, HAS_DFINAL)  # Gᵀ (N, P)
     z_base = b * s_z_b + hh * s_z_h
     dt_base = dt_ptr + b * s_dt_b + hh * s_dt_h
     C_base = C_ptr + b * s_C_b + gg * s_C_g
@@ -769,7 +779,7 @@ def _fused_dstate_bwd_kernel(
     st_base = dstates_ptr + bh.to(tl.int64) * nblocks * headdim * dstate
     for i in range(nblocks):
         k = nblocks - 1 - i
-        tl.store(st_base + k * headdim * dstate + state_off, G.to(dstates_ptr.dtype.element_ty), mask=mask_pn)
+        tl.store(st_base + k * headdim * dstate + state_off, Gt.to(dstates_ptr.dtype.element_ty), mask=mask_np)
         t = k * BLOCK_T + offs_t
         mask_t = t < seqlen
         mask_tp = mask_t[:, None] & mask_p[None, :]
@@ -778,9 +788,9 @@ def _fused_dstate_bwd_kernel(
                          z_base + t[:, None] * s_z_l + offs_p[None, :], mask_tp, HAS_Z)  # (T, P)
         Ct = tl.load(C_base + t[:, None] * s_C_l + offs_n[None, :], mask=mask_t[:, None] & (offs_n[None, :] < dstate),
                      other=0.0)  # (T, N)
-        G = G * tl.exp(cs_end) + _dot(tl.trans(dy.to(Ct.dtype)), (Ct * tl.exp(cs)[:, None]).to(Ct.dtype))
+        Gt = Gt * tl.exp(cs_end) + _dot(tl.trans((Ct * tl.exp(cs)[:, None]).to(Ct.dtype)), dy.to(Ct.dtype))
     if HAS_INIT:
-        tl.store(dinit_ptr + head_state + state_off, G, mask=mask_pn)
+        tl.store(dinit_ptr + head_state + state_off, Gt, mask=mask_np)
 
 
 @fast_launch
@@ -805,7 +815,7 @@ def _fused_block_bwd_kernel(
     that straddle r (as `_dt_bwd_kernel` explains): with Q_ts = M_ts Δ_s (dy_t·x_s) for s < t,
       ∂L/∂(Δ_r A) = exp(cs_end)⟨G, S⟩ + Σ_{t ≥ r}(Σ_{s < t} Q_ts + exp(cs_t) C_t·(Sᵀ dy_t) − Σ_{t' > t} Q_t't)
                     + Σ_{s < r} Δ_s exp(cs_end − cs_s) x_s·(G B_s).
-    part: (b·h, blocks, 2 + P) fp32 rows of [dA, d dt_bias, dD…] summed over the block (dD: P entries, or
+    part: (h, b, blocks, 2 + P) fp32 rows of [dA, d dt_bias, dD…] summed over the block (dD: P entries, or
     one for a scalar D per head)."""
     k = tl.program_id(0)
     bh = tl.program_id(1)
@@ -853,7 +863,8 @@ def _fused_block_bwd_kernel(
         tl.store(dz_ptr + o_blk + tp_off, dy * ypre * sig * (1.0 + zt * (1.0 - sig)), mask=mask_tp)
         dy = dy * zt * sig
     dyc = dy.to(x.dtype)
-    part = part_ptr + (bh.to(tl.int64) * nblocks + k) * (2 + headdim)
+    batch = tl.num_programs(1) // nheads
+    part = part_ptr + ((hh * batch + b) * nblocks + k) * (2 + headdim)  # head-major: one head's rows together
     if HAS_D:
         dD = tl.sum(dy * x.to(tl.float32), axis=0)  # (P,)
         if D_PER_P:
@@ -900,7 +911,7 @@ def _fused_block_bwd_kernel(
 @triton.jit
 def _fused_bwd_sums_kernel(
     dbc_ptr, dbc_out_ptr, part_ptr, dA_ptr, dbias_ptr, dD_ptr,
-    rows, batch, nheads, headdim, dstate, nblocks, heads_per_group, bc_programs,
+    rows, part_rows, headdim, dstate, heads_per_group, bc_programs,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -908,33 +919,32 @@ def _fused_bwd_sums_kernel(
     replaces costs the host about as much as a launch):
       programs [0, bc_programs): dB and dC per head, (2, rows, heads_per_group, N) with rows = b·l·g,
         summed over the group's heads into (2, rows, N) in the output dtype;
-      the next h programs, one a head: part (b·h, blocks, 2 + P) summed over batch and blocks into
-        dA, d dt_bias and dD, each stored in its own dtype."""
+      the next h programs, one a head: its part_rows = b·blocks rows of part (h, b, blocks, 2 + P) summed
+        into dA, d dt_bias and dD, each stored in its own dtype."""
     pid = tl.program_id(0)
+    # The branches name their tiles apart: compiled, an `if` may not bind one name to two tile shapes.
     if pid < bc_programs:
         w = pid % 2  # 0: dB, 1: dC
         offs_r = (pid // 2) * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_n = tl.arange(0, BLOCK_N)
-        mask = (offs_r < rows)[:, None] & (offs_n < dstate)[None, :]
+        mask_rn = (offs_r < rows)[:, None] & (offs_n < dstate)[None, :]
         src = dbc_ptr + w.to(tl.int64) * rows * heads_per_group * dstate
         src += offs_r[:, None].to(tl.int64) * heads_per_group * dstate + offs_n[None, :]
-        acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        dbc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
         for j in range(heads_per_group):
-            acc += tl.load(src + j * dstate, mask=mask, other=0.0).to(tl.float32)
+            dbc += tl.load(src + j * dstate, mask=mask_rn, other=0.0).to(tl.float32)
         dst = dbc_out_ptr + w.to(tl.int64) * rows * dstate + offs_r[:, None].to(tl.int64) * dstate + offs_n[None, :]
-        tl.store(dst, acc, mask=mask)
+        tl.store(dst, dbc, mask=mask_rn)
     else:
         hh = pid - bc_programs
         offs_k = tl.arange(0, BLOCK_K)
         offs_c = tl.arange(0, BLOCK_C)
         mask_c = offs_c < 2 + headdim
         acc = tl.zeros((BLOCK_K, BLOCK_C), dtype=tl.float32)
-        for b in range(batch):
-            rows_bh = part_ptr + (b * nheads + hh).to(tl.int64) * nblocks * (2 + headdim)
-            for k0 in range(0, nblocks, BLOCK_K):
-                mask = ((k0 + offs_k) < nblocks)[:, None] & mask_c[None, :]
-                acc += tl.load(rows_bh + (k0 + offs_k)[:, None] * (2 + headdim) + offs_c[None, :], mask=mask,
-                               other=0.0)
+        rows_h = part_ptr + hh.to(tl.int64) * part_rows * (2 + headdim)
+        for k0 in range(0, part_rows, BLOCK_K):
+            mask = ((k0 + offs_k) < part_rows)[:, None] & mask_c[None, :]
+            acc += tl.load(rows_h + (k0 + offs_k)[:, None] * (2 + headdim) + offs_c[None, :], mask=mask, other=0.0)
         col = tl.sum(acc, axis=0)  # (C,): [dA, d dt_bias, dD…]
         tl.store(dA_ptr + hh, tl.sum(tl.where(offs_c == 0, col, 0.0)))
         if HAS_DT_BIAS:
@@ -1138,19 +1148,35 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
 # or 3/8 of it when a backward follows; "fused" and "chunked" force one (for tests and benchmarks).
 PATH = "auto"
 _FUSED_T = 16 if INTERPRET else 64  # tokens a block on the fused path
+# A P slice of the sequential fused kernels is only ever the narrow (column) side of their matrix products
+# (states held as (N, P)), never their rows or inner dimension, the tile shapes of the Hopper miscompile
+# noted at _MIN_DOT.
+_MIN_SLICE = 16 if INTERPRET else 32
 _SUM_ROWS = 16 if INTERPRET else 64  # (b, l, g) rows a program of `_fused_bwd_sums_kernel` sums dB, dC over
 
 
 def _use_fused(batch: int, nheads: int, device: torch.device, for_backward: bool) -> bool:
     """Fused or chunked, from how many fused programs there are. Measured on an H200 (132 SMs) at
-    l = 16384, h = 32, p = 64, n = 128 (BENCHMARKS.md, "v7"): forward+backward, fused beats chunked at
-    b·h = 64 (3.52 against 4.09 ms graphed) but not at 32 (2.91 against 2.14), so from ~3/8 of the SMs (the
-    crossover of the two lines through those points is at b·h ≈ 50); the forward alone only from
-    b·h ≈ 96 (1.36 against 1.43 ms), and clearly at 256 (0.44 against 0.95)."""
+    l = 16384, h = 32, p = 64, n = 128 with P sliced (BENCHMARKS.md, "v8"): forward+backward, fused beats
+    chunked at b·h = 64 (2.90 against 4.03 ms graphed) but not at 32 (2.26 against 2.12), so from ~3/8 of
+    the SMs; the forward alone only from b·h ≈ 96 (1.39 against 1.39 ms; 1.19 against 0.99 at 64), and
+    clearly at 256 (0.45 against 0.93 at (4, 4096, 64, 64, 128))."""
     if PATH != "auto":
         return PATH == "fused"
     sms = _num_sms(device)
     return batch * nheads >= (sms * 3 // 8 if for_backward else sms)
+
+
+def _fused_block_p(bh: int, headdim: int, device: torch.device) -> int:
+    """Columns of P a program of the two sequential fused kernels takes. The whole of P, unless b·h
+    programs leave multiprocessors idle: then P is halved until they are busy or the slice reaches
+    _MIN_SLICE. The slices recompute C Bᵀ and Δ each, but every program's chain of blocks gets shorter
+    steps, and it is the chain's latency, not the arithmetic, that sets the time at small b·h (the
+    fused forward at l = 16384, h = 32, p = 64, n = 128: 1.37 ms at b·h = 64, 0.44 at 256 on an H200)."""
+    block_p, sms = _pow2(headdim), _num_sms(device)
+    while bh * cdiv(headdim, block_p) < sms and block_p // 2 >= _MIN_SLICE:
+        block_p //= 2
+    return block_p
 
 
 def _fused_strides(x, zz, dt, B, C) -> tuple[int, ...]:
@@ -1174,7 +1200,8 @@ def _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, store
     final = torch.empty(batch, nheads, headdim, dstate, device=x.device, dtype=torch.float32) if store_final else None
     init = initial_states.contiguous() if initial_states is not None else None
     zz = z if z is not None else x
-    _fused_fwd_kernel[(batch * nheads,)](
+    block_p = _fused_block_p(batch * nheads, headdim, x.device)
+    _fused_fwd_kernel[(batch * nheads, cdiv(headdim, block_p))](
         x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A, zz,
         init if init is not None else x, out, ypre if ypre is not None else out,
         states if states is not None else out, final if final is not None else out,
@@ -1182,7 +1209,7 @@ def _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, store
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, HAS_INIT=init is not None,
         STORE_STATES=states is not None, STORE_FINAL=final is not None, STORE_YPRE=ypre is not None,
-        BLOCK_T=_FUSED_T, BLOCK_P=_pow2(headdim), BLOCK_N=_pow2(dstate),
+        BLOCK_T=_FUSED_T, BLOCK_P=block_p, BLOCK_N=_pow2(dstate),
     )
     return out, final, (states, ypre)
 
@@ -1203,11 +1230,12 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
 
     dstates = torch.empty_like(states)
     dinit = torch.empty(batch, nheads, headdim, dstate, device=x.device, dtype=torch.float32) if has_init else None
-    _fused_dstate_bwd_kernel[(batch * nheads,)](
+    block_p = _fused_block_p(batch * nheads, headdim, x.device)
+    _fused_dstate_bwd_kernel[(batch * nheads, cdiv(headdim, block_p))](
         dout, zz, dt, A, bias_arg, C, dfin if dfin is not None else dout, dstates,
         dinit if dinit is not None else dstates,
         seqlen, nheads, headdim, dstate, hpg, *zz.stride()[:3], *dt.stride(), *C.stride()[:3],
-        **flags, HAS_DFINAL=dfin is not None, HAS_INIT=has_init, **blocks,
+        **flags, HAS_DFINAL=dfin is not None, HAS_INIT=has_init, **(blocks | dict(BLOCK_P=block_p)),
     )
 
     dx = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
@@ -1218,7 +1246,7 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     dBC = torch.empty(2, batch, seqlen, nheads, dstate, device=x.device,
                       dtype=B.dtype if hpg == 1 or B.dtype == torch.bfloat16 else torch.float32)
     dB, dC = dBC.unbind(0)
-    part = torch.empty(batch, nheads, nblocks, 2 + headdim, device=x.device, dtype=torch.float32)
+    part = torch.empty(nheads, batch, nblocks, 2 + headdim, device=x.device, dtype=torch.float32)
     _fused_block_bwd_kernel[(nblocks, batch * nheads)](
         x, dt, A, bias_arg, B, C, D if D is not None else A, zz, dout, ypre if ypre is not None else dout,
         states, dstates, dx, dz if dz is not None else dx, ddt, dB, dC, part,
@@ -1234,11 +1262,12 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
         dBC_sum = torch.empty(2, batch, seqlen, ngroups, dstate, device=x.device, dtype=B.dtype)
         dB, dC = dBC_sum.unbind(0)
         bc_programs = 2 * cdiv(rows, _SUM_ROWS)
+    block_c = next_pow2(2 + headdim)  # a part row; tiles of 8,192 of them: one head's rows in few steps
     _fused_bwd_sums_kernel[(bc_programs + nheads,)](
         dBC, dBC_sum if hpg > 1 else dBC, part, dA, dbias if dbias is not None else dA, dD if dD is not None else dA,
-        rows, batch, nheads, headdim, dstate, nblocks, hpg, bc_programs,
+        rows, batch * nblocks, headdim, dstate, hpg, bc_programs,
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_DT_BIAS=dt_bias is not None,
-        BLOCK_R=_SUM_ROWS, BLOCK_N=next_pow2(dstate), BLOCK_K=32, BLOCK_C=next_pow2(2 + headdim),
+        BLOCK_R=_SUM_ROWS, BLOCK_N=next_pow2(dstate), BLOCK_K=max(16, 8192 // block_c), BLOCK_C=block_c,
     )
     return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit
 
