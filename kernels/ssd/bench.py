@@ -44,6 +44,7 @@ SHAPES = {  # (b, l, h, p, n)
 CHUNK = 256
 DTYPE = torch.bfloat16
 PATHS = ("fused", "chunked")  # our two Triton paths; "auto" picks one by the shape
+EAGER_ROUNDS = 3
 
 
 def load_mamba_chunk_scan():
@@ -160,21 +161,44 @@ def time_shape(b, l, h, p, n, mamba, paths=PATHS):
             if name in impls:
                 row[f"rel_err_{name}_vs_ref"] = ((impls[name]().float() - ref).norm() / ref.norm()).item()
         del ref
+    passes = {}  # (name, pass) -> function
     for name, fn in impls.items():
         inputs = [q, k, v] if name == "sdpa" else leaves
         grad_out = torch.randn_like(q) if name == "sdpa" else dy
-        try:
-            with torch.no_grad():
-                row[f"{name}_fwd"] = bench_ms(fn)
-            row[f"{name}_fwdbwd"] = bench_ms(lambda: torch.autograd.grad(fn(), inputs, grad_out))
-            if name in (*PATHS, "mamba"):  # kernel time without the host: replayed from a CUDA graph
-                with torch.no_grad():
-                    row[f"{name}_graph_fwd"] = graph_ms(fn)
-                row[f"{name}_graph_fwdbwd"] = graph_ms(lambda: torch.autograd.grad(fn(), inputs, grad_out))
-        except Exception as e:  # one peer failing (out of memory, say) should not lose the others' numbers
-            print(f"  {name} at {(b, l, h, p, n)}: {type(e).__name__}: {e}", flush=True)
-        torch.cuda.empty_cache()
+        passes[name, "fwd"] = torch.no_grad()(fn)
+        passes[name, "fwdbwd"] = functools.partial(_fwdbwd, fn, inputs, grad_out)
+    # Eager times are the host's where it is slower than the GPU, and the host's speed drifts over seconds
+    # (NOTES.md, v6): the peers take turns over EAGER_ROUNDS rounds, and each keeps its median round.
+    eager = {key: [] for key in passes}
+    for _ in range(EAGER_ROUNDS):
+        for key, fn in passes.items():
+            if eager[key] is not None:
+                eager[key] = _timed(bench_ms, fn, key, (b, l, h, p, n), eager[key])
+    for (name, pass_), times in eager.items():
+        if times:
+            row[f"{name}_{pass_}"] = sorted(times)[len(times) // 2]
+    for (name, pass_), fn in passes.items():  # kernel time without the host: replayed from a CUDA graph
+        if name in (*PATHS, "mamba") and eager[name, pass_]:
+            times = _timed(graph_ms, fn, (name, pass_), (b, l, h, p, n), [])
+            if times:
+                row[f"{name}_graph_{pass_}"] = times[0]
+    torch.cuda.empty_cache()
     return row
+
+
+def _fwdbwd(fn, inputs, grad_out):
+    return torch.autograd.grad(fn(), inputs, grad_out)
+
+
+def _timed(timer, fn, key, shape, times: list) -> list | None:
+    """`times` with one more time of fn, or None if it failed: one peer failing (out of memory, say)
+    should not lose the others' numbers."""
+    try:
+        return [*times, timer(fn)]
+    except Exception as e:
+        print(f"  {key} at {shape}: {type(e).__name__}: {e}", flush=True)
+        torch.cuda.empty_cache()
+        return None
 
 
 def scan_fwdbwd(t: dict, dy, path: str):
