@@ -910,31 +910,32 @@ def _fused_block_bwd_kernel(
 @fast_launch
 @triton.jit
 def _fused_bwd_sums_kernel(
-    dbc_ptr, dbc_out_ptr, part_ptr, dA_ptr, dbias_ptr, dD_ptr,
+    dB_head_ptr, dC_head_ptr, dB_ptr, dC_ptr, part_ptr, dA_ptr, dbias_ptr, dD_ptr,
     rows, part_rows, headdim, dstate, heads_per_group, bc_programs,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """What `_fused_block_bwd_kernel` leaves as partial sums, summed in one launch (each torch call it
     replaces costs the host about as much as a launch):
-      programs [0, bc_programs): dB and dC per head, (2, rows, heads_per_group, N) with rows = b·l·g,
-        summed over the group's heads into (2, rows, N) in the output dtype;
+      programs [0, bc_programs): dB and dC per head, (rows, heads_per_group, N) each with rows = b·l·g,
+        summed over the group's heads into (rows, N) in the output dtype;
       the next h programs, one a head: its part_rows = b·blocks rows of part (h, b, blocks, 2 + P) summed
         into dA, d dt_bias and dD, each stored in its own dtype."""
     pid = tl.program_id(0)
     # The branches name their tiles apart: compiled, an `if` may not bind one name to two tile shapes.
     if pid < bc_programs:
-        w = pid % 2  # 0: dB, 1: dC
-        offs_r = (pid // 2) * BLOCK_R + tl.arange(0, BLOCK_R)
+        offs_r = pid * BLOCK_R + tl.arange(0, BLOCK_R)
         offs_n = tl.arange(0, BLOCK_N)
         mask_rn = (offs_r < rows)[:, None] & (offs_n < dstate)[None, :]
-        src = dbc_ptr + w.to(tl.int64) * rows * heads_per_group * dstate
-        src += offs_r[:, None].to(tl.int64) * heads_per_group * dstate + offs_n[None, :]
-        dbc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        src = offs_r[:, None].to(tl.int64) * heads_per_group * dstate + offs_n[None, :]
+        db = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+        dc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
         for j in range(heads_per_group):
-            dbc += tl.load(src + j * dstate, mask=mask_rn, other=0.0).to(tl.float32)
-        dst = dbc_out_ptr + w.to(tl.int64) * rows * dstate + offs_r[:, None].to(tl.int64) * dstate + offs_n[None, :]
-        tl.store(dst, dbc, mask=mask_rn)
+            db += tl.load(dB_head_ptr + src + j * dstate, mask=mask_rn, other=0.0).to(tl.float32)
+            dc += tl.load(dC_head_ptr + src + j * dstate, mask=mask_rn, other=0.0).to(tl.float32)
+        dst = offs_r[:, None].to(tl.int64) * dstate + offs_n[None, :]
+        tl.store(dB_ptr + dst, db, mask=mask_rn)
+        tl.store(dC_ptr + dst, dc, mask=mask_rn)
     else:
         hh = pid - bc_programs
         offs_k = tl.arange(0, BLOCK_K)
@@ -1167,6 +1168,7 @@ def _use_fused(batch: int, nheads: int, device: torch.device, for_backward: bool
     return batch * nheads >= (sms * 3 // 8 if for_backward else sms)
 
 
+@functools.cache  # asked twice a forward+backward
 def _fused_block_p(bh: int, headdim: int, device: torch.device) -> int:
     """Columns of P a program of the two sequential fused kernels takes. The whole of P, unless b·h
     programs leave multiprocessors idle: then P is halved until they are busy or the slice reaches
@@ -1241,11 +1243,12 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     dx = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
     dz = torch.empty_like(dx) if z is not None else None
     ddt = torch.empty(batch, seqlen, nheads, device=x.device, dtype=dt.dtype)
-    # dB and dC per head, (2, b, l, h, n), summed over a group's heads below: fp32 unless they are final
+    # dB and dC per head, (b, l, h, n) each, summed over a group's heads below: fp32 unless they are final
     # (one head a group) or bf16, whose 8-bit mantissa a few more roundings before the sum do not change.
-    dBC = torch.empty(2, batch, seqlen, nheads, dstate, device=x.device,
-                      dtype=B.dtype if hpg == 1 or B.dtype == torch.bfloat16 else torch.float32)
-    dB, dC = dBC.unbind(0)
+    # Two tensors, not views of one: an `unbind` costs the host more than an allocation.
+    head_bc = dict(device=x.device, dtype=B.dtype if hpg == 1 or B.dtype == torch.bfloat16 else torch.float32)
+    dB = torch.empty(batch, seqlen, nheads, dstate, **head_bc)
+    dC = torch.empty(batch, seqlen, nheads, dstate, **head_bc)
     part = torch.empty(nheads, batch, nblocks, 2 + headdim, device=x.device, dtype=torch.float32)
     _fused_block_bwd_kernel[(nblocks, batch * nheads)](
         x, dt, A, bias_arg, B, C, D if D is not None else A, zz, dout, ypre if ypre is not None else dout,
@@ -1258,13 +1261,14 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     dD = torch.empty_like(D) if D is not None else None
     rows = batch * seqlen * ngroups
     bc_programs = 0
-    if hpg > 1:  # dB, dC (2, b, l, g, n): the per-head partials summed below
-        dBC_sum = torch.empty(2, batch, seqlen, ngroups, dstate, device=x.device, dtype=B.dtype)
-        dB, dC = dBC_sum.unbind(0)
-        bc_programs = 2 * cdiv(rows, _SUM_ROWS)
+    dB_head, dC_head = dB, dC
+    if hpg > 1:  # dB, dC (b, l, g, n): the per-head partials summed below
+        dB = torch.empty(batch, seqlen, ngroups, dstate, device=x.device, dtype=B.dtype)
+        dC = torch.empty(batch, seqlen, ngroups, dstate, device=x.device, dtype=B.dtype)
+        bc_programs = cdiv(rows, _SUM_ROWS)
     block_c = next_pow2(2 + headdim)  # a part row; tiles of 8,192 of them: one head's rows in few steps
     _fused_bwd_sums_kernel[(bc_programs + nheads,)](
-        dBC, dBC_sum if hpg > 1 else dBC, part, dA, dbias if dbias is not None else dA, dD if dD is not None else dA,
+        dB_head, dC_head, dB, dC, part, dA, dbias if dbias is not None else dA, dD if dD is not None else dA,
         rows, batch * nblocks, headdim, dstate, hpg, bc_programs,
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_DT_BIAS=dt_bias is not None,
         BLOCK_R=_SUM_ROWS, BLOCK_N=next_pow2(dstate), BLOCK_K=max(16, 8192 // block_c), BLOCK_C=block_c,
