@@ -168,13 +168,18 @@ def test_fused_p_slices_fill_the_gpu():
     assert ssd_triton._fused_block_p(1, 64, dev) == max(ssd_triton._MIN_SLICE, full // ssd_triton.next_pow2(sms))
 
 
+def force_p_slices(monkeypatch, slices: int):
+    """The fused path, with P = 64 split into `slices` slices whatever b·h is."""
+    monkeypatch.setattr(ssd_triton, "PATH", "fused")
+    monkeypatch.setattr(ssd_triton, "_fused_block_p", lambda bh, headdim, device: 64 // slices)
+
+
 @pytest.mark.parametrize("slices", [1, 2, 4])
 def test_fused_p_slices_match_reference(slices, monkeypatch):
     """Each slice count computes the same function: outputs, final state and every gradient."""
     if 64 // slices < ssd_triton._MIN_SLICE:
         pytest.skip(f"P slices of {64 // slices} are below the GPU's smallest ({ssd_triton._MIN_SLICE})")
-    monkeypatch.setattr(ssd_triton, "PATH", "fused")
-    monkeypatch.setattr(ssd_triton, "_fused_block_p", lambda bh, headdim, device: 64 // slices)
+    force_p_slices(monkeypatch, slices)
     case = Case(2, 40, 2, 64, 16, 1, 16, z=True, D="hp", bias=True, softplus=True, h0=True)
     check_against_ref(case, make_inputs(case))
 
@@ -254,8 +259,7 @@ def test_matches_reference_gpu(case, path):
 @pytest.mark.gpu
 @pytest.mark.parametrize("slices", [1, 2])
 def test_fused_p_slices_match_reference_gpu(slices, monkeypatch):
-    monkeypatch.setattr(ssd_triton, "PATH", "fused")
-    monkeypatch.setattr(ssd_triton, "_fused_block_p", lambda bh, headdim, device: 64 // slices)
+    force_p_slices(monkeypatch, slices)
     case = Case(2, 1000, 4, 64, 128, 1, 256, torch.bfloat16, z=True, D="hp", bias=True, softplus=True, h0=True)
     check_against_ref(case, make_inputs(case))
 

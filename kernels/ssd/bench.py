@@ -169,19 +169,20 @@ def time_shape(b, l, h, p, n, mamba, paths=PATHS):
         passes[name, "fwdbwd"] = functools.partial(_fwdbwd, fn, inputs, grad_out)
     # Eager times are the host's where it is slower than the GPU, and the host's speed drifts over seconds
     # (NOTES.md, v6): the peers take turns over EAGER_ROUNDS rounds, and each keeps its median round.
-    eager = {key: [] for key in passes}
+    eager = {key: [] for key in passes}  # a peer that fails (out of memory, say) leaves, the others stay
     for _ in range(EAGER_ROUNDS):
-        for key, fn in passes.items():
-            if eager[key] is not None:
-                eager[key] = _timed(bench_ms, fn, key, (b, l, h, p, n), eager[key])
+        for key in list(eager):
+            ms = _timed(bench_ms, passes[key], key, (b, l, h, p, n))
+            if ms is None:
+                del eager[key]
+            else:
+                eager[key].append(ms)
     for (name, pass_), times in eager.items():
-        if times:
-            row[f"{name}_{pass_}"] = sorted(times)[len(times) // 2]
-    for (name, pass_), fn in passes.items():  # kernel time without the host: replayed from a CUDA graph
-        if name in (*PATHS, "mamba") and eager[name, pass_]:
-            times = _timed(graph_ms, fn, (name, pass_), (b, l, h, p, n), [])
-            if times:
-                row[f"{name}_graph_{pass_}"] = times[0]
+        row[f"{name}_{pass_}"] = sorted(times)[len(times) // 2]
+        if name in (*PATHS, "mamba"):  # kernel time without the host: replayed from a CUDA graph
+            ms = _timed(graph_ms, passes[name, pass_], (name, pass_), (b, l, h, p, n))
+            if ms is not None:
+                row[f"{name}_graph_{pass_}"] = ms
     torch.cuda.empty_cache()
     return row
 
@@ -190,11 +191,10 @@ def _fwdbwd(fn, inputs, grad_out):
     return torch.autograd.grad(fn(), inputs, grad_out)
 
 
-def _timed(timer, fn, key, shape, times: list) -> list | None:
-    """`times` with one more time of fn, or None if it failed: one peer failing (out of memory, say)
-    should not lose the others' numbers."""
+def _timed(timer, fn, key, shape) -> float | None:
+    """timer(fn), or None (and a line saying why) if fn failed."""
     try:
-        return [*times, timer(fn)]
+        return timer(fn)
     except Exception as e:
         print(f"  {key} at {shape}: {type(e).__name__}: {e}", flush=True)
         torch.cuda.empty_cache()

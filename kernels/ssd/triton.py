@@ -1226,7 +1226,7 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     dout = dout.contiguous()
     dfin = dfinal.contiguous() if dfinal is not None else None
     zz = z if z is not None else x
-    blocks = dict(BLOCK_T=_FUSED_T, BLOCK_P=_pow2(headdim), BLOCK_N=_pow2(dstate))
+    blocks = dict(BLOCK_T=_FUSED_T, BLOCK_N=_pow2(dstate))
     flags = dict(HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus)
     bias_arg = dt_bias if dt_bias is not None else A
 
@@ -1237,7 +1237,7 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
         dout, zz, dt, A, bias_arg, C, dfin if dfin is not None else dout, dstates,
         dinit if dinit is not None else dstates,
         seqlen, nheads, headdim, dstate, hpg, *zz.stride()[:3], *dt.stride(), *C.stride()[:3],
-        **flags, HAS_DFINAL=dfin is not None, HAS_INIT=has_init, **(blocks | dict(BLOCK_P=block_p)),
+        **flags, HAS_DFINAL=dfin is not None, HAS_INIT=has_init, **blocks, BLOCK_P=block_p,
     )
 
     dx = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
@@ -1247,21 +1247,21 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     # (one head a group) or bf16, whose 8-bit mantissa a few more roundings before the sum do not change.
     # Two tensors, not views of one: an `unbind` costs the host more than an allocation.
     head_bc = dict(device=x.device, dtype=B.dtype if hpg == 1 or B.dtype == torch.bfloat16 else torch.float32)
-    dB = torch.empty(batch, seqlen, nheads, dstate, **head_bc)
-    dC = torch.empty(batch, seqlen, nheads, dstate, **head_bc)
+    dB_head = torch.empty(batch, seqlen, nheads, dstate, **head_bc)
+    dC_head = torch.empty(batch, seqlen, nheads, dstate, **head_bc)
     part = torch.empty(nheads, batch, nblocks, 2 + headdim, device=x.device, dtype=torch.float32)
     _fused_block_bwd_kernel[(nblocks, batch * nheads)](
         x, dt, A, bias_arg, B, C, D if D is not None else A, zz, dout, ypre if ypre is not None else dout,
-        states, dstates, dx, dz if dz is not None else dx, ddt, dB, dC, part,
+        states, dstates, dx, dz if dz is not None else dx, ddt, dB_head, dC_head, part,
         seqlen, nheads, headdim, dstate, hpg, *_fused_strides(x, zz, dt, B, C),
-        **flags, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, **blocks,
+        **flags, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, **blocks, BLOCK_P=_pow2(headdim),
     )
     dA = torch.empty_like(A)
     dbias = torch.empty_like(dt_bias) if dt_bias is not None else None
     dD = torch.empty_like(D) if D is not None else None
     rows = batch * seqlen * ngroups
     bc_programs = 0
-    dB_head, dC_head = dB, dC
+    dB, dC = dB_head, dC_head  # final when a group has one head
     if hpg > 1:  # dB, dC (b, l, g, n): the per-head partials summed below
         dB = torch.empty(batch, seqlen, ngroups, dstate, device=x.device, dtype=B.dtype)
         dC = torch.empty(batch, seqlen, ngroups, dstate, device=x.device, dtype=B.dtype)
