@@ -144,6 +144,19 @@ def test_auto_path_fills_the_gpu_with_fused_programs():
     assert ssd_triton._use_fused(1, low, dev, True) and not ssd_triton._use_fused(1, low - 1, dev, True)
 
 
+def test_fused_path_only_where_its_kernels_fit(monkeypatch):
+    """On a GPU, states too large for the fused kernels' shared memory take the chunked path, even when the
+    fused one is asked for: fp32 from (P, N) = (64, 128), bf16 and fp16 beyond (64, 256) or (128, 128)."""
+    monkeypatch.setattr(ssd_triton, "INTERPRET", False)
+    states = ((32, 64), (64, 64), (64, 128), (128, 128), (64, 256), (128, 256))
+    dtypes = (torch.float32, torch.bfloat16, torch.float16)
+    fits = [(dtype, p, n) for dtype in dtypes for p, n in states
+            if ssd_triton._fused_fits(torch.empty(1, 1, 1, p, dtype=dtype), n)]
+    half = [(p, n) for p, n in states if p * n <= 128 * 128]
+    assert fits == [(torch.float32, 32, 64), (torch.float32, 64, 64),
+                    *((dtype, p, n) for dtype in dtypes[1:] for p, n in half)]
+
+
 def test_auto_path_follows_grad(monkeypatch):
     """Which path the forward takes depends on whether a backward will follow."""
     sms = ssd_triton._num_sms(torch.device(DEVICE))
@@ -247,6 +260,10 @@ GPU_CASES = [
     Case(1, 777, 8, 32, 128, 2, 128, torch.float16, z=True, D="hp", bias=True, softplus=True, h0=True),
     Case(2, 500, 6, 64, 64, 3, 64, torch.bfloat16, D="h", bias=True, softplus=True),
     Case(3, 300, 16, 64, 128, 1, 256, torch.bfloat16, z=True, D="h", bias=True, softplus=True),
+    # States too large for the fused kernels' shared memory in fp32 (the chunked path takes both `path`s),
+    # and the largest N they take in bf16.
+    Case(2, 300, 4, 64, 128, 1, 128, torch.float32, z=True, D="hp", bias=True, softplus=True, h0=True),
+    Case(1, 200, 4, 64, 256, 1, 64, torch.bfloat16, z=True, D="h", bias=True, softplus=True, h0=True),
 ]
 
 

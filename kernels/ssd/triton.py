@@ -1156,6 +1156,20 @@ _MIN_SLICE = 16 if INTERPRET else 32
 _SUM_ROWS = 16 if INTERPRET else 64  # (b, l, g) rows a program of `_fused_bwd_sums_kernel` sums dB, dC over
 
 
+# The largest state (P, N), each padded to a power of two, whose fused kernels fit in a Hopper block's 227 KB
+# of shared memory, by input element size: the backward's block kernel keeps the (T, N), (T, P) and (P, N)
+# operands of its matrix products there. Compiled for sm_90 at 8 warps, that kernel takes, for P = 64,
+# fp32: 147 KB at N = 64 and 246 KB at N = 128 (278 KB under triton 3.6 on an H200, which refused it);
+# bf16: 94 KB at N = 128, 160 KB at N = 256, and 147 KB at (P, N) = (128, 128).
+_FUSED_MAX_STATE = {2: 128 * 128, 4: 64 * 64}
+
+
+def _fused_fits(x: torch.Tensor, dstate: int) -> bool:
+    """Whether the fused kernels fit in shared memory for x (b, l, h, p)'s dtype and the state size (the
+    interpreter has no limit)."""
+    return INTERPRET or _pow2(x.shape[3]) * _pow2(dstate) <= _FUSED_MAX_STATE.get(x.element_size(), 0)
+
+
 def _use_fused(batch: int, nheads: int, device: torch.device, for_backward: bool) -> bool:
     """Fused or chunked, from how many fused programs there are. Measured on an H200 (132 SMs) at
     l = 16384, h = 32, p = 64, n = 128 with P sliced (BENCHMARKS.md, "v8"): forward+backward, fused beats
@@ -1280,7 +1294,8 @@ class _SSDScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states,
                 for_backward):
-        ctx.fused = _use_fused(x.shape[0], x.shape[2], x.device, for_backward)
+        # Where the fused kernels would not fit in shared memory, the chunked path runs whatever PATH says.
+        ctx.fused = _fused_fits(x, B.shape[3]) and _use_fused(x.shape[0], x.shape[2], x.device, for_backward)
         if ctx.fused:
             out, final, saved = _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus,
                                            store_final=return_final_states, for_backward=for_backward)
