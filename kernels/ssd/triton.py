@@ -643,7 +643,10 @@ def _dt_bwd_kernel(
 # H200 the forward took 0.173 ms at eight and 0.092 ms autotuned over both (NOTES.md), so the
 # autotuner chooses.
 _FUSED_CONFIGS = [triton.Config({}, num_warps=4, num_stages=2), triton.Config({}, num_warps=8, num_stages=2)]
-_FUSED_KEY = ["headdim", "dstate", "HAS_Z"]
+# BLOCK_P too: the autotuner keys on these alone, and without it the first P slice timed would choose the
+# warps for every other. The choice matters: 16-wide slices at (2, 16384, 32, 64, 128) forced to 8 warps took
+# 2.67 ms forward against 1.30 at 4 (NOTES.md, "v9").
+_FUSED_KEY = ["headdim", "dstate", "HAS_Z", "BLOCK_P"]
 
 
 @triton.jit
