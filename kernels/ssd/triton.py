@@ -197,6 +197,15 @@ def _chunk_state_fwd_kernel(
     tl.store(st_ptrs, acc, mask=(offs_p[:, None] < headdim) & (offs_n[None, :] < dstate))
 
 
+@triton.jit
+def _passing_operands(states_ptr, cs_ptr, b, hh, bh, c, offs, mask, seqlen, nheads, nchunks, chunk_size, state_numel):
+    """Chunk c's own contribution to the state (a BLOCK slice of it) and the cumulative Σ Δ·A at its last token."""
+    own = tl.load(states_ptr + ((b.to(tl.int64) * nchunks + c) * nheads + hh) * state_numel + offs, mask=mask,
+                  other=0.0)
+    last = tl.minimum((c + 1) * chunk_size, seqlen) - 1
+    return own, tl.load(cs_ptr + bh.to(tl.int64) * seqlen + last)
+
+
 @fast_launch
 @triton.jit
 def _state_passing_kernel(
@@ -221,13 +230,18 @@ def _state_passing_kernel(
         s = tl.load(init_ptr + io_base + offs, mask=mask, other=0.0).to(tl.float32)
     else:
         s = tl.zeros((BLOCK,), dtype=tl.float32)
+    # Chunk i + 1's operands are loaded during chunk i: only the FMA depends on the previous chunk, so the
+    # walk is otherwise a chain of exposed load latencies (the last iteration re-reads its own chunk).
+    c = nchunks - 1 if REVERSE else 0
+    own_nx, cs_nx = _passing_operands(states_ptr, cs_ptr, b, hh, bh, c, offs, mask, seqlen, nheads, nchunks,
+                                      chunk_size, state_numel)
     for i in range(nchunks):
         c = nchunks - 1 - i if REVERSE else i
-        last = tl.minimum((c + 1) * chunk_size, seqlen) - 1
-        decay = tl.exp(tl.load(cs_ptr + bh.to(tl.int64) * seqlen + last))
-        ptrs = states_ptr + ((b.to(tl.int64) * nchunks + c) * nheads + hh) * state_numel + offs
-        own = tl.load(ptrs, mask=mask, other=0.0)
-        tl.store(ptrs, s, mask=mask)
+        own, decay = own_nx, tl.exp(cs_nx)
+        c_nx = tl.maximum(c - 1, 0) if REVERSE else tl.minimum(c + 1, nchunks - 1)
+        own_nx, cs_nx = _passing_operands(states_ptr, cs_ptr, b, hh, bh, c_nx, offs, mask, seqlen, nheads,
+                                          nchunks, chunk_size, state_numel)
+        tl.store(states_ptr + ((b.to(tl.int64) * nchunks + c) * nheads + hh) * state_numel + offs, s, mask=mask)
         s = decay * s + own
     if HAS_FINAL:
         tl.store(final_ptr + io_base + offs, s, mask=mask)
