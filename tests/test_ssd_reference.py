@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
+import kernels.ssd
 from kernels import load_backend
 from kernels.ssd import ssd_scan, ssd_step
 from kernels.ssd.reference import ssd_scan_naive, ssd_scan_ref
@@ -239,6 +240,22 @@ def test_triton_backend_gets_every_argument(monkeypatch):
     )
     assert step_args == ("state", "x", "dt", "A", "B", "C")
     assert step_kwargs == dict(D="D", z="z", dt_bias="bias", dt_softplus=True)
+
+
+def test_auto_uses_the_reference_where_triton_cannot_take_the_state(monkeypatch):
+    """backend="auto" asks the Triton module whether it takes the input (its kernels hold the state in shared
+    memory) and otherwise warns and runs the reference; backend="triton" leaves the error to the module."""
+    reason = "headdim=4, d_state=4 in torch.float32: too large"
+    fake = _poisoned_triton_module()
+    fake.unsupported = lambda x, dstate: reason if (x.shape[3], dstate) == (4, 4) else None
+    monkeypatch.setattr(kernels.ssd, "load_backend", lambda module, backend, x: fake)  # as for CUDA tensors
+    t = tiny_inputs()
+    with pytest.warns(UserWarning, match=re.escape(f"{reason}; backend='auto' uses the PyTorch reference")):
+        y = ssd_scan(chunk_size=4, **t)
+    assert torch.equal(y, ssd_scan_ref(chunk_size=4, **t))
+    fake.unsupported = lambda x, dstate: None
+    with pytest.raises(AssertionError, match="the Triton backend was called"):
+        ssd_scan(chunk_size=4, **t)
 
 
 def test_auto_falls_back_when_triton_cannot_be_imported():

@@ -12,6 +12,7 @@ operands keep fp16's 10-bit mantissa; d dt_bias read 2.0e-3 at (2, 40, 2, 64, 16
 """
 
 import os
+import re
 from dataclasses import dataclass
 
 import pytest
@@ -155,6 +156,24 @@ def test_fused_path_only_where_its_kernels_fit(monkeypatch):
     half = [(p, n) for p, n in states if p * n <= 128 * 128]
     assert fits == [(torch.float32, 32, 64), (torch.float32, 64, 64),
                     *((dtype, p, n) for dtype in dtypes[1:] for p, n in half)]
+
+
+def test_states_no_path_fits_are_refused_with_the_limit(monkeypatch):
+    """On a GPU the chunked kernels take fp32 states up to 8,192 entries and 2-byte ones up to 32,768; beyond,
+    ssd_scan_triton raises one line naming the sizes, the dtype and the limit, before launching anything."""
+    monkeypatch.setattr(ssd_triton, "INTERPRET", False)
+    unsupported = ssd_triton.unsupported
+    assert unsupported(torch.empty(1, 1, 1, 64, dtype=torch.float32), 128) is None
+    assert unsupported(torch.empty(1, 1, 1, 128, dtype=torch.float32), 64) is None
+    assert unsupported(torch.empty(1, 1, 1, 64, dtype=torch.bfloat16), 512) is None
+    assert unsupported(torch.empty(1, 1, 1, 128, dtype=torch.float16), 256) is None
+    assert unsupported(torch.empty(1, 1, 1, 128, dtype=torch.bfloat16), 512) is not None
+    t = make_inputs(Case(1, 8, 2, 64, 256, 1, 16))
+    message = ("headdim=64, d_state=256 in torch.float32: the Triton SSD holds the (headdim, d_state) state in shared "
+               "memory, up to 8,192 entries (each size rounded up to a power of two) for this dtype; use bf16 or fp16 "
+               "inputs, a smaller state, or backend='torch'")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        ssd_scan_triton(chunk_size=16, **t)
 
 
 def test_auto_path_follows_grad(monkeypatch):

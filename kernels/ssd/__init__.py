@@ -1,5 +1,6 @@
 """SSD, Mamba-2's scan, with a backend switch (see `kernels`): "torch" is `reference.py`, "triton"
-is `triton.py`, "auto" picks Triton for CUDA tensors.
+is `triton.py`, "auto" picks Triton for CUDA tensors
+(the reference, with a warning, where the state is too large for the Triton kernels' shared memory).
 
 Shapes (mamba_ssm `mamba_chunk_scan_combined` layout):
     x, z:                   (batch, seqlen, nheads, headdim)
@@ -10,6 +11,8 @@ Shapes (mamba_ssm `mamba_chunk_scan_combined` layout):
     initial/final states:   (batch, nheads, headdim, d_state)      fp32
 """
 
+import warnings
+
 from torch import Tensor
 
 from kernels import load_backend
@@ -18,6 +21,7 @@ from kernels.ssd.reference import ssd_scan_ref, ssd_step_ref
 __all__ = ["ssd_scan", "ssd_step"]
 
 _TRITON = "kernels.ssd.triton"
+
 
 def ssd_scan(
     x: Tensor,
@@ -42,6 +46,11 @@ def ssd_scan(
     return_final_states.
     """
     impl = load_backend(_TRITON, backend, x)
+    if impl is not None and backend == "auto":
+        reason = impl.unsupported(x, B.shape[-1])
+        if reason:  # shown once per distinct message (Python's default warning filter)
+            warnings.warn(f"{reason}; backend='auto' uses the PyTorch reference")
+            impl = None
     scan = ssd_scan_ref if impl is None else impl.ssd_scan_triton
     return scan(
         x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,

@@ -1173,18 +1173,40 @@ _MIN_SLICE = 16 if INTERPRET else 32
 _SUM_ROWS = 16 if INTERPRET else 64  # (b, l, g) rows a program of `_fused_bwd_sums_kernel` sums dB, dC over
 
 
-# The largest state (P, N), each padded to a power of two, whose fused kernels fit in a Hopper block's 227 KB
-# of shared memory, by input element size: the backward's block kernel keeps the (T, N), (T, P) and (P, N)
-# operands of its matrix products there. Compiled for sm_90 at 8 warps, that kernel takes, for P = 64,
-# fp32: 147 KB at N = 64 and 246 KB at N = 128 (278 KB under triton 3.6 on an H200, which refused it);
-# bf16: 94 KB at N = 128, 160 KB at N = 256, and 147 KB at (P, N) = (128, 128).
+# The largest states, P·N with each padded to a power of two, whose kernels fit in a Hopper block's 227 KB of
+# shared memory, by input element size; their matrix products keep (T, N), (T, P) and (P, N) operands there.
+# Compiled for sm_90 here (triton 3.9; triton 3.6 on an H200 asked ~13% more, 278 KB where 3.9 asks 246):
+# - fused: the backward's block kernel, 8 warps, P = 64: fp32 147 KB at N = 64 and 246 KB at N = 128 (an H200
+#   refused it); bf16 94 KB at N = 128, 160 KB at N = 256 and 147 KB at (P, N) = (128, 128);
+# - chunked: the largest of its kernels, in the autotuner's smallest config: fp32 176 KB at (P, N) = (64, 128)
+#   and (128, 64), 224-256 KB at 16,384 entries; bf16 144 KB at (64, 512) and 112 KB at (128, 256).
+# GPUs with less shared memory a block (an A100 has 163 KB) fit less; these limits are the H100/H200's.
 _FUSED_MAX_STATE = {2: 128 * 128, 4: 64 * 64}
+_CHUNKED_MAX_STATE = {2: 64 * 512, 4: 64 * 128}
+
+
+def _state_size(x: torch.Tensor, dstate: int) -> int:
+    return _pow2(x.shape[3]) * _pow2(dstate)
 
 
 def _fused_fits(x: torch.Tensor, dstate: int) -> bool:
     """Whether the fused kernels fit in shared memory for x (b, l, h, p)'s dtype and the state size (the
     interpreter has no limit)."""
-    return INTERPRET or _pow2(x.shape[3]) * _pow2(dstate) <= _FUSED_MAX_STATE.get(x.element_size(), 0)
+    return INTERPRET or _state_size(x, dstate) <= _FUSED_MAX_STATE.get(x.element_size(), 0)
+
+
+def unsupported(x: torch.Tensor, dstate: int) -> str | None:
+    """Why the Triton SSD cannot take x (b, l, h, p) with this state size, or None when it can: no path's
+    kernels fit the state in shared memory (the interpreter has no limit)."""
+    limit = _CHUNKED_MAX_STATE.get(x.element_size(), 0)
+    if INTERPRET or _state_size(x, dstate) <= limit:
+        return None
+    if not limit:
+        return f"x.dtype={x.dtype}: the Triton SSD takes float32, bfloat16 or float16"
+    fixes = "bf16 or fp16 inputs, a smaller state" if x.element_size() == 4 else "a smaller state"
+    return (f"headdim={x.shape[3]}, d_state={dstate} in {x.dtype}: the Triton SSD holds the (headdim, d_state) "
+            f"state in shared memory, up to {limit:,} entries (each size rounded up to a power of two) for this "
+            f"dtype; use {fixes}, or backend='torch'")
 
 
 def _use_fused(batch: int, nheads: int, device: torch.device, for_backward: bool) -> bool:
@@ -1380,6 +1402,9 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt
         _check("dt_bias", dt_bias, (nheads,))
     if initial_states is not None:
         _check("initial_states", initial_states, (batch, nheads, headdim, dstate))
+    reason = unsupported(x, dstate)
+    if reason:
+        raise ValueError(reason)
     # Unit stride on the last axis keeps loads coalesced; B and C join x's dtype for the tensor cores.
     x, z, B, C = (t if t is None or t.stride(-1) == 1 else t.contiguous()
                   for t in (x, z, _cast(B, x.dtype), _cast(C, x.dtype)))
