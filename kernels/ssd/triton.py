@@ -1198,13 +1198,18 @@ def _fused_fits(x: torch.Tensor, dstate: int) -> bool:
 def unsupported(x: torch.Tensor, dstate: int) -> str | None:
     """Why the Triton SSD cannot take x (b, l, h, p) with this state size, or None when it can: no path's
     kernels fit the state in shared memory (the interpreter has no limit)."""
-    limit = _CHUNKED_MAX_STATE.get(x.element_size(), 0)
-    if INTERPRET or _state_size(x, dstate) <= limit:
+    return None if INTERPRET else _unsupported(x.dtype, x.shape[3], dstate)
+
+
+@functools.cache  # asked on every call, by `ssd_scan` (auto) and again by `ssd_scan_triton`
+def _unsupported(dtype: torch.dtype, headdim: int, dstate: int) -> str | None:
+    limit = _CHUNKED_MAX_STATE.get(dtype.itemsize, 0)
+    if _pow2(headdim) * _pow2(dstate) <= limit:
         return None
     if not limit:
-        return f"x.dtype={x.dtype}: the Triton SSD takes float32, bfloat16 or float16"
-    fixes = "bf16 or fp16 inputs, a smaller state" if x.element_size() == 4 else "a smaller state"
-    return (f"headdim={x.shape[3]}, d_state={dstate} in {x.dtype}: the Triton SSD holds the (headdim, d_state) "
+        return f"x.dtype={dtype}: the Triton SSD takes float32, bfloat16 or float16"
+    fixes = "bf16 or fp16 inputs, a smaller state" if dtype.itemsize == 4 else "a smaller state"
+    return (f"headdim={headdim}, d_state={dstate} in {dtype}: the Triton SSD holds the (headdim, d_state) "
             f"state in shared memory, up to {limit:,} entries (each size rounded up to a power of two) for this "
             f"dtype; use {fixes}, or backend='torch'")
 
@@ -1214,7 +1219,8 @@ def _use_fused(batch: int, nheads: int, device: torch.device, for_backward: bool
     l = 16384, h = 32, p = 64, n = 128 with P sliced (BENCHMARKS.md, "v8"): forward+backward, fused beats
     chunked at b·h = 64 (2.90 against 4.03 ms graphed) but not at 32 (2.26 against 2.12), so from ~3/8 of
     the SMs; the forward alone only from b·h ≈ 96 (1.39 against 1.39 ms; 1.19 against 0.99 at 64), and
-    clearly at 256 (0.45 against 0.93 at (4, 4096, 64, 64, 128))."""
+    clearly at 256 (0.45 against 0.93 at (4, 4096, 64, 64, 128)). Since then the chunked forward got faster
+    (v9: 0.99 → 0.76 ms at b·h = 64), so the forward-only crossing is probably above b·h = 96 now; not re-timed."""
     if PATH != "auto":
         return PATH == "fused"
     sms = _num_sms(device)
