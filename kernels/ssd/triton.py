@@ -198,10 +198,15 @@ def _chunk_state_fwd_kernel(
 
 
 @triton.jit
+def _chunk_state(states_ptr, b, hh, c, nchunks, nheads, state_numel, offs):
+    """Pointers to a BLOCK slice of chunk c's state in states (b, chunks, h, P·N)."""
+    return states_ptr + ((b.to(tl.int64) * nchunks + c) * nheads + hh) * state_numel + offs
+
+
+@triton.jit
 def _passing_operands(states_ptr, cs_ptr, b, hh, bh, c, offs, mask, seqlen, nheads, nchunks, chunk_size, state_numel):
     """Chunk c's own contribution to the state (a BLOCK slice of it) and the cumulative Σ Δ·A at its last token."""
-    own = tl.load(states_ptr + ((b.to(tl.int64) * nchunks + c) * nheads + hh) * state_numel + offs, mask=mask,
-                  other=0.0)
+    own = tl.load(_chunk_state(states_ptr, b, hh, c, nchunks, nheads, state_numel, offs), mask=mask, other=0.0)
     last = tl.minimum((c + 1) * chunk_size, seqlen) - 1
     return own, tl.load(cs_ptr + bh.to(tl.int64) * seqlen + last)
 
@@ -241,7 +246,7 @@ def _state_passing_kernel(
         c_nx = tl.maximum(c - 1, 0) if REVERSE else tl.minimum(c + 1, nchunks - 1)
         own_nx, cs_nx = _passing_operands(states_ptr, cs_ptr, b, hh, bh, c_nx, offs, mask, seqlen, nheads,
                                           nchunks, chunk_size, state_numel)
-        tl.store(states_ptr + ((b.to(tl.int64) * nchunks + c) * nheads + hh) * state_numel + offs, s, mask=mask)
+        tl.store(_chunk_state(states_ptr, b, hh, c, nchunks, nheads, state_numel, offs), s, mask=mask)
         s = decay * s + own
     if HAS_FINAL:
         tl.store(final_ptr + io_base + offs, s, mask=mask)
@@ -1185,31 +1190,28 @@ _FUSED_MAX_STATE = {2: 128 * 128, 4: 64 * 64}
 _CHUNKED_MAX_STATE = {2: 64 * 512, 4: 64 * 128}
 
 
-def _state_size(x: torch.Tensor, dstate: int) -> int:
-    return _pow2(x.shape[3]) * _pow2(dstate)
+@functools.cache  # asked on every call: the fused path's check in the forward, the chunked one twice
+def _state_fits(dtype: torch.dtype, headdim: int, dstate: int, fused: bool) -> bool:
+    limits = _FUSED_MAX_STATE if fused else _CHUNKED_MAX_STATE
+    return _pow2(headdim) * _pow2(dstate) <= limits.get(dtype.itemsize, 0)
 
 
 def _fused_fits(x: torch.Tensor, dstate: int) -> bool:
     """Whether the fused kernels fit in shared memory for x (b, l, h, p)'s dtype and the state size (the
     interpreter has no limit)."""
-    return INTERPRET or _state_size(x, dstate) <= _FUSED_MAX_STATE.get(x.element_size(), 0)
+    return INTERPRET or _state_fits(x.dtype, x.shape[3], dstate, True)
 
 
 def unsupported(x: torch.Tensor, dstate: int) -> str | None:
     """Why the Triton SSD cannot take x (b, l, h, p) with this state size, or None when it can: no path's
     kernels fit the state in shared memory (the interpreter has no limit)."""
-    return None if INTERPRET else _unsupported(x.dtype, x.shape[3], dstate)
-
-
-@functools.cache  # asked on every call, by `ssd_scan` (auto) and again by `ssd_scan_triton`
-def _unsupported(dtype: torch.dtype, headdim: int, dstate: int) -> str | None:
-    limit = _CHUNKED_MAX_STATE.get(dtype.itemsize, 0)
-    if _pow2(headdim) * _pow2(dstate) <= limit:
+    if INTERPRET or _state_fits(x.dtype, x.shape[3], dstate, False):
         return None
+    limit = _CHUNKED_MAX_STATE.get(x.element_size(), 0)
     if not limit:
-        return f"x.dtype={dtype}: the Triton SSD takes float32, bfloat16 or float16"
-    fixes = "bf16 or fp16 inputs, a smaller state" if dtype.itemsize == 4 else "a smaller state"
-    return (f"headdim={headdim}, d_state={dstate} in {dtype}: the Triton SSD holds the (headdim, d_state) "
+        return f"x.dtype={x.dtype}: the Triton SSD takes float32, bfloat16 or float16"
+    fixes = "bf16 or fp16 inputs, a smaller state" if x.element_size() == 4 else "a smaller state"
+    return (f"headdim={x.shape[3]}, d_state={dstate} in {x.dtype}: the Triton SSD holds the (headdim, d_state) "
             f"state in shared memory, up to {limit:,} entries (each size rounded up to a power of two) for this "
             f"dtype; use {fixes}, or backend='torch'")
 
@@ -1287,6 +1289,7 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     zz = z if z is not None else x
     blocks = dict(BLOCK_T=_FUSED_T, BLOCK_N=_pow2(dstate))
     flags = dict(HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus)
+    d_flags = dict(HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2)
     bias_arg = dt_bias if dt_bias is not None else A
 
     dstates = torch.empty_like(states)
@@ -1313,7 +1316,7 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
         x, dt, A, bias_arg, B, C, D if D is not None else A, zz, dout, ypre if ypre is not None else dout,
         states, dstates, dx, dz if dz is not None else dx, ddt, dB_head, dC_head, part,
         seqlen, nheads, headdim, dstate, hpg, *_fused_strides(x, zz, dt, B, C),
-        **flags, HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, **blocks, BLOCK_P=_pow2(headdim),
+        **flags, **d_flags, **blocks, BLOCK_P=_pow2(headdim),
     )
     dA = torch.empty_like(A)
     dbias = torch.empty_like(dt_bias) if dt_bias is not None else None
@@ -1329,7 +1332,7 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     _fused_bwd_sums_kernel[(bc_programs + nheads,)](
         dB_head, dC_head, dB, dC, part, dA, dbias if dbias is not None else dA, dD if dD is not None else dA,
         rows, batch * nblocks, headdim, dstate, hpg, bc_programs,
-        HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_DT_BIAS=dt_bias is not None,
+        **d_flags, HAS_DT_BIAS=dt_bias is not None,
         BLOCK_R=_SUM_ROWS, BLOCK_N=next_pow2(dstate), BLOCK_K=max(16, 8192 // block_c), BLOCK_C=block_c,
     )
     return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit
