@@ -206,6 +206,22 @@ def force_p_slices(monkeypatch, slices: int):
     monkeypatch.setattr(ssd_triton, "_fused_block_p", lambda bh, headdim, device: 64 // slices)
 
 
+@pytest.mark.parametrize("segments,slices", [(2, 1), (3, 1), (3, 2)])
+def test_fused_segments_match_reference(segments, slices, monkeypatch):
+    """The fused forward split into segments (each from a zero state, then corrected) computes the same
+    function: outputs, final state and every gradient, with and without a backward to follow."""
+    force_p_slices(monkeypatch, slices)
+    monkeypatch.setattr(ssd_triton, "_fused_segments", lambda programs, nblocks, device: segments)
+    case = Case(2, 40, 2, 64, 16, 1, 16, z=True, D="hp", bias=True, softplus=True, h0=True)  # 3 blocks of 16
+    inputs = make_inputs(case)
+    check_against_ref(case, inputs)
+    kwargs = dict(chunk_size=case.Q, dt_softplus=True, return_final_states=True)
+    with torch.no_grad():
+        y, final = ssd_scan_triton(**inputs, **kwargs)
+        y_ref, final_ref = ssd_scan_ref(**{k: v.double() for k, v in inputs.items()}, **kwargs)
+    assert rel_err(y, y_ref) < TOL[case.dtype] and rel_err(final, final_ref) < TOL[case.dtype]
+
+
 @pytest.mark.parametrize("slices", [1, 2, 4])
 def test_fused_p_slices_match_reference(slices, monkeypatch):
     """Each slice count computes the same function: outputs, final state and every gradient."""

@@ -704,22 +704,33 @@ def _state_slice(offs_n, headdim, dstate, BLOCK_P: tl.constexpr):
 @triton.jit
 def _fused_fwd_kernel(
     x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, C_ptr, D_ptr, z_ptr, init_ptr,
-    out_ptr, ypre_ptr, states_ptr, final_ptr,
-    seqlen, nheads, headdim, dstate, heads_per_group,
+    out_ptr, ypre_ptr, states_ptr, final_ptr, seg_decay_ptr, seg_final_ptr,
+    seqlen, nheads, headdim, dstate, heads_per_group, seg_blocks,
     s_x_b, s_x_l, s_x_h, s_z_b, s_z_l, s_z_h, s_dt_b, s_dt_l, s_dt_h,
     s_B_b, s_B_l, s_B_g, s_C_b, s_C_l, s_C_g,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
     DT_SOFTPLUS: tl.constexpr, HAS_INIT: tl.constexpr, STORE_STATES: tl.constexpr, STORE_FINAL: tl.constexpr,
-    STORE_YPRE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    STORE_YPRE: tl.constexpr, SEGMENTED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """One head of one sequence (or a slice of its P columns, which are independent), block by block:
     with S the (P, N) state entering the block,
       y_t = Σ_{s ≤ t} exp(cs_t − cs_s)(C_t·B_s) Δ_s x_s + exp(cs_t) S C_t + D x_t  (then · silu(z_t)),
       S  ← exp(cs_end) S + Σ_s exp(cs_end − cs_s) Δ_s x_s B_sᵀ.
-    The backward reads every block's entering state (`states`, (b·h, blocks, P, N)) and y before the gate."""
+    The backward reads every block's entering state (`states`, (b·h, blocks, P, N)) and y before the gate.
+    SEGMENTED: grid axis 2 splits the sequence into segments of seg_blocks blocks, each walked from a zero
+    state (the first from the initial state), so that the chains are shorter. y and `states` then miss what
+    the state entering the segment contributes; `_fused_fwd_fix_kernel` adds it to y from what this kernel
+    leaves: seg_decay (b·h, blocks + segments) fp32, Σ Δ·A from the segment's start to each block's, then
+    over each whole segment; seg_final (b·h, segments, P, N) fp32, each segment's last state."""
     bh = tl.program_id(0)
     b, hh, gg = _head(bh, nheads, heads_per_group)
     nblocks = tl.cdiv(seqlen, BLOCK_T)
+    k_first, k_end = 0, nblocks
+    if SEGMENTED:
+        seg = tl.program_id(2)
+        k_first = seg * seg_blocks
+        k_end = tl.minimum(k_first + seg_blocks, nblocks)
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, BLOCK_N)
     offs_p, mask_p, state_off, mask_np = _state_slice(offs_n, headdim, dstate, BLOCK_P)
@@ -730,6 +741,9 @@ def _fused_fwd_kernel(
         Dv = _load_D(D_ptr, hh, headdim, offs_p, mask_p, D_PER_P)
     head_state = bh.to(tl.int64) * headdim * dstate  # this head's (P, N) in a (b·h, P, N) tensor
     St = _load_state(init_ptr + head_state + state_off, mask_np, BLOCK_N, BLOCK_P, HAS_INIT)  # Sᵀ (N, P)
+    if SEGMENTED:
+        St = tl.where(seg == 0, St, 0.0)  # later segments start from zero
+        decay_in = tl.sum(tl.zeros((BLOCK_T,), dtype=tl.float32))  # Σ Δ·A from the segment's start to block k's
     x_base = x_ptr + b * s_x_b + hh * s_x_h
     z_base = z_ptr + b * s_z_b + hh * s_z_h
     dt_base = dt_ptr + b * s_dt_b + hh * s_dt_h
@@ -738,12 +752,15 @@ def _fused_fwd_kernel(
     o_base = (b * seqlen * nheads + hh) * headdim  # out and ypre: contiguous (b, l, h, p)
     st_base = states_ptr + bh.to(tl.int64) * nblocks * headdim * dstate
 
-    for k in range(nblocks):
+    for k in range(k_first, k_end):
         t = k * BLOCK_T + offs_t
         mask_t = t < seqlen
         mask_tp = mask_t[:, None] & mask_p[None, :]
         mask_tn = mask_t[:, None] & mask_n[None, :]
         _, dt, cs, cs_end = _block_dt(dt_base + t * s_dt_l, mask_t, bias, A, BLOCK_T, DT_SOFTPLUS)
+        if SEGMENTED:  # every slice stores the same value
+            tl.store(seg_decay_ptr + bh.to(tl.int64) * (nblocks + tl.num_programs(2)) + k, decay_in)
+            decay_in += cs_end
         x = tl.load(x_base + t[:, None] * s_x_l + offs_p[None, :], mask=mask_tp, other=0.0)  # (T, P)
         Bt = tl.load(B_base + t[:, None] * s_B_l + offs_n[None, :], mask=mask_tn, other=0.0)  # (T, N)
         Ct = tl.load(C_base + t[:, None] * s_C_l + offs_n[None, :], mask=mask_tn, other=0.0)  # (T, N)
@@ -767,8 +784,75 @@ def _fused_fwd_kernel(
             y = y * zt * tl.sigmoid(zt)
         tl.store(out_ptr + o_off, y, mask=mask_tp)
 
+    if SEGMENTED:
+        nseg = tl.num_programs(2)
+        tl.store(seg_decay_ptr + bh.to(tl.int64) * (nblocks + nseg) + nblocks + seg, decay_in)
+        tl.store(seg_final_ptr + (bh.to(tl.int64) * nseg + seg) * headdim * dstate + state_off, St, mask=mask_np)
     if STORE_FINAL:
         tl.store(final_ptr + head_state + state_off, St, mask=mask_np)
+
+
+@fast_launch
+@triton.jit
+def _fused_fwd_fix_kernel(
+    dt_ptr, A_ptr, dt_bias_ptr, C_ptr, z_ptr, out_ptr, ypre_ptr, final_ptr, seg_decay_ptr, seg_final_ptr,
+    seg_in_ptr,
+    seqlen, nheads, headdim, dstate, heads_per_group, seg_blocks,
+    s_z_b, s_z_l, s_z_h, s_dt_b, s_dt_l, s_dt_h, s_C_b, s_C_l, s_C_g,
+    HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, STORE_FINAL: tl.constexpr,
+    STORE_YPRE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    """The segmented forward's correction, a program for each block after the first segment. With S_in the
+    state entering the block's segment (S_in ← exp(Σ_seg Δ·A) S_in + S_seg over the segments before it,
+    from 0: the first segment started from the initial state) and d = Σ Δ·A from the segment's start to the
+    block's start,
+      y_t += exp(d + cs_t) S_in C_t   (ypre as it is, the output times silu(z_t)).
+    The first block of each segment stores S_in (seg_in, (b·h, segments, P, N)), which the block backward
+    adds to its segment-local entering state as exp(d) S_in; the last block stores the final state."""
+    k = seg_blocks + tl.program_id(0)
+    bh = tl.program_id(1)
+    b, hh, gg = _head(bh, nheads, heads_per_group)
+    nblocks = tl.cdiv(seqlen, BLOCK_T)
+    nseg = tl.cdiv(nblocks, seg_blocks)
+    seg = k // seg_blocks
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_p = tl.arange(0, BLOCK_P)
+    mask_p = offs_p < headdim
+    state_off = offs_n[:, None] + offs_p[None, :] * dstate  # (N, P): Sᵀ of a contiguous (P, N)
+    mask_np = (offs_n < dstate)[:, None] & mask_p[None, :]
+    decay_row = seg_decay_ptr + bh.to(tl.int64) * (nblocks + nseg)
+    seg_rows = bh.to(tl.int64) * nseg * headdim * dstate
+    S_in = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
+    for j in range(seg):
+        S_in = S_in * tl.exp(tl.load(decay_row + nblocks + j)) + tl.load(
+            seg_final_ptr + seg_rows + j * headdim * dstate + state_off, mask=mask_np, other=0.0)
+    here = seg_rows + seg * headdim * dstate + state_off
+    if k % seg_blocks == 0:
+        tl.store(seg_in_ptr + here, S_in, mask=mask_np)
+    if STORE_FINAL:
+        if k == nblocks - 1:
+            final = S_in * tl.exp(tl.load(decay_row + nblocks + seg)) + tl.load(seg_final_ptr + here, mask=mask_np,
+                                                                                  other=0.0)
+            tl.store(final_ptr + bh.to(tl.int64) * headdim * dstate + state_off, final, mask=mask_np)
+
+    t = k * BLOCK_T + offs_t
+    mask_t = t < seqlen
+    mask_tp = mask_t[:, None] & mask_p[None, :]
+    A, bias = _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS)
+    _, _, cs, _ = _block_dt(dt_ptr + b * s_dt_b + hh * s_dt_h + t * s_dt_l, mask_t, bias, A, BLOCK_T, DT_SOFTPLUS)
+    Ct = tl.load(C_ptr + b * s_C_b + gg * s_C_g + t[:, None] * s_C_l + offs_n[None, :],
+                 mask=mask_t[:, None] & (offs_n < dstate)[None, :], other=0.0)  # (T, N)
+    corr = _dot(Ct, S_in.to(Ct.dtype)) * tl.exp(tl.load(decay_row + k) + cs)[:, None]  # (T, P)
+    o_off = (b * seqlen * nheads + hh) * headdim + t[:, None] * nheads * headdim + offs_p[None, :]
+    if HAS_Z:
+        if STORE_YPRE:
+            ypre = tl.load(ypre_ptr + o_off, mask=mask_tp, other=0.0).to(tl.float32)
+            tl.store(ypre_ptr + o_off, ypre + corr, mask=mask_tp)
+        zt = tl.load(z_ptr + b * s_z_b + hh * s_z_h + t[:, None] * s_z_l + offs_p[None, :], mask=mask_tp,
+                     other=0.0).to(tl.float32)
+        corr = corr * zt * tl.sigmoid(zt)
+    tl.store(out_ptr + o_off, tl.load(out_ptr + o_off, mask=mask_tp, other=0.0).to(tl.float32) + corr, mask=mask_tp)
 
 
 @fast_launch
@@ -820,12 +904,13 @@ def _fused_dstate_bwd_kernel(
 @triton.jit
 def _fused_block_bwd_kernel(
     x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, ypre_ptr, states_ptr, dstates_ptr,
-    dx_ptr, dz_ptr, ddt_ptr, dB_ptr, dC_ptr, part_ptr,
-    seqlen, nheads, headdim, dstate, heads_per_group,
+    seg_decay_ptr, seg_in_ptr, dx_ptr, dz_ptr, ddt_ptr, dB_ptr, dC_ptr, part_ptr,
+    seqlen, nheads, headdim, dstate, heads_per_group, seg_blocks,
     s_x_b, s_x_l, s_x_h, s_z_b, s_z_l, s_z_h, s_dt_b, s_dt_l, s_dt_h,
     s_B_b, s_B_l, s_B_g, s_C_b, s_C_l, s_C_g,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, SEGMENTED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """One block of one head, independent of the others once S (entering state, from the forward) and
     G (∂L/∂ state leaving, from `_fused_dstate_bwd_kernel`) are known. With dy = dout·silu(z),
@@ -874,6 +959,14 @@ def _fused_block_bwd_kernel(
     Bt = tl.load(B_blk + offs_t[:, None] * s_B_l + offs_n[None, :], mask=mask_tn, other=0.0)  # (T, N)
     Ct = tl.load(C_blk + offs_t[:, None] * s_C_l + offs_n[None, :], mask=mask_tn, other=0.0)  # (T, N)
     S = tl.load(states_ptr + st_blk + pn_off, mask=mask_pn, other=0.0)  # (P, N), the state entering the block
+    if SEGMENTED:  # the forward stored it segment-local: add what entered the segment (`_fused_fwd_fix_kernel`)
+        nseg = tl.cdiv(nblocks, seg_blocks)
+        seg = k // seg_blocks
+        # seg_in holds nothing for the first segment, whose blocks (half, or more) then read no more memory.
+        S_in = tl.load(seg_in_ptr + (bh.to(tl.int64) * nseg + seg) * headdim * dstate + pn_off,
+                       mask=mask_pn & ((pn_off * 0 + seg) > 0), other=0.0)
+        decay_in = tl.exp(tl.load(seg_decay_ptr + bh.to(tl.int64) * (nblocks + nseg) + k))
+        S = (S.to(tl.float32) + decay_in * S_in).to(S.dtype)  # in the stored dtype, as the unsplit forward has it
     G = tl.load(dstates_ptr + st_blk + pn_off, mask=mask_pn, other=0.0)  # (P, N), ∂L/∂ the state leaving it
     dda = tl.exp(cs_end) * tl.sum(tl.sum(G.to(tl.float32) * S.to(tl.float32), axis=1), axis=0)
     dy = tl.load(dout_ptr + o_blk + tp_off, mask=mask_tp, other=0.0).to(tl.float32)  # (T, P)
@@ -1242,6 +1335,16 @@ def _fused_block_p(bh: int, headdim: int, device: torch.device) -> int:
     return block_p
 
 
+_MIN_SEGMENT = 4 if INTERPRET else 32  # blocks: shorter segments would spend more on the correction than they save
+
+
+def _fused_segments(programs: int, nblocks: int, device: torch.device) -> int:
+    """Segments the fused forward splits each sequence into: enough for two programs an SM (they share one at
+    ~12% cost, v9), each at least _MIN_SEGMENT blocks long. A program's time is its chain of blocks, so at
+    (2, 16384, 32, 64, 128) (128 programs, 256 blocks) two segments should halve the forward's chain."""
+    return max(1, min(2 * _num_sms(device) // programs, nblocks // _MIN_SEGMENT))
+
+
 def _fused_strides(x, zz, dt, B, C) -> tuple[int, ...]:
     """The stride arguments of `_fused_fwd_kernel` and `_fused_block_bwd_kernel`, in their order (x, z, B
     and C have unit stride on the last axis, which `ssd_scan_triton` ensures)."""
@@ -1252,37 +1355,57 @@ def _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, store
     """Returns out (b, l, h, p), final state or None, and what `_fused_bwd` needs."""
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
+    bh, nblocks = batch * nheads, cdiv(seqlen, _FUSED_T)
     out = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
     ypre = torch.empty_like(out) if (for_backward and z is not None) else None
     # The entering state of every block; bf16 for bf16 inputs, as the forward rounds it so for C S.
     state_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
     states = None
     if for_backward:
-        states = torch.empty(batch * nheads, cdiv(seqlen, _FUSED_T), headdim, dstate, device=x.device,
-                             dtype=state_dtype)
+        states = torch.empty(bh, nblocks, headdim, dstate, device=x.device, dtype=state_dtype)
     final = torch.empty(batch, nheads, headdim, dstate, device=x.device, dtype=torch.float32) if store_final else None
     init = initial_states.contiguous() if initial_states is not None else None
     zz = z if z is not None else x
-    block_p = _fused_block_p(batch * nheads, headdim, x.device)
-    _fused_fwd_kernel[(batch * nheads, cdiv(headdim, block_p))](
+    block_p = _fused_block_p(bh, headdim, x.device)
+    seg_blocks = cdiv(nblocks, _fused_segments(bh * cdiv(headdim, block_p), nblocks, x.device))
+    nseg = cdiv(nblocks, seg_blocks)
+    seg_decay = seg_final = seg_in = None
+    if nseg > 1:
+        f32 = dict(device=x.device, dtype=torch.float32)
+        seg_decay = torch.empty(bh, nblocks + nseg, **f32)
+        seg_final = torch.empty(bh, nseg, headdim, dstate, **f32)
+        seg_in = torch.empty(bh, nseg, headdim, dstate, **f32)
+    _fused_fwd_kernel[(bh, cdiv(headdim, block_p), nseg)](
         x, dt, A, dt_bias if dt_bias is not None else A, B, C, D if D is not None else A, zz,
         init if init is not None else x, out, ypre if ypre is not None else out,
         states if states is not None else out, final if final is not None else out,
-        seqlen, nheads, headdim, dstate, nheads // ngroups, *_fused_strides(x, zz, dt, B, C),
+        seg_decay if seg_decay is not None else out, seg_final if seg_final is not None else out,
+        seqlen, nheads, headdim, dstate, nheads // ngroups, seg_blocks, *_fused_strides(x, zz, dt, B, C),
         HAS_D=D is not None, D_PER_P=D is not None and D.dim() == 2, HAS_Z=z is not None,
         HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus, HAS_INIT=init is not None,
-        STORE_STATES=states is not None, STORE_FINAL=final is not None, STORE_YPRE=ypre is not None,
-        BLOCK_T=_FUSED_T, BLOCK_P=block_p, BLOCK_N=_pow2(dstate),
+        STORE_STATES=states is not None, STORE_FINAL=final is not None and nseg == 1,
+        STORE_YPRE=ypre is not None, SEGMENTED=nseg > 1, BLOCK_T=_FUSED_T, BLOCK_P=block_p, BLOCK_N=_pow2(dstate),
     )
-    return out, final, (states, ypre)
+    if nseg > 1:
+        _fused_fwd_fix_kernel[(nblocks - seg_blocks, bh)](
+            dt, A, dt_bias if dt_bias is not None else A, C, zz, out, ypre if ypre is not None else out,
+            final if final is not None else out, seg_decay, seg_final, seg_in,
+            seqlen, nheads, headdim, dstate, nheads // ngroups, seg_blocks,
+            *zz.stride()[:3], *dt.stride(), *C.stride()[:3],
+            HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
+            STORE_FINAL=final is not None, STORE_YPRE=ypre is not None,
+            BLOCK_T=_FUSED_T, BLOCK_P=_pow2(headdim), BLOCK_N=_pow2(dstate), num_warps=4,
+        )
+    return out, final, (states, ypre, seg_decay, seg_in)
 
 
 def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_init, saved):
     """Gradients for x, dt, A, B, C, D, z, dt_bias, initial_states (None where the input was None)."""
-    states, ypre = saved
+    states, ypre, seg_decay, seg_in = saved
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nblocks = states.shape[1]
+    seg_blocks = cdiv(nblocks, seg_in.shape[1]) if seg_in is not None else nblocks
     hpg = nheads // ngroups
     dout = dout.contiguous()
     dfin = dfinal.contiguous() if dfinal is not None else None
@@ -1314,9 +1437,10 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     part = torch.empty(nheads, batch, nblocks, 2 + headdim, device=x.device, dtype=torch.float32)
     _fused_block_bwd_kernel[(nblocks, batch * nheads)](
         x, dt, A, bias_arg, B, C, D if D is not None else A, zz, dout, ypre if ypre is not None else dout,
-        states, dstates, dx, dz if dz is not None else dx, ddt, dB_head, dC_head, part,
-        seqlen, nheads, headdim, dstate, hpg, *_fused_strides(x, zz, dt, B, C),
-        **flags, **d_flags, **blocks, BLOCK_P=_pow2(headdim),
+        states, dstates, seg_decay if seg_decay is not None else states, seg_in if seg_in is not None else states,
+        dx, dz if dz is not None else dx, ddt, dB_head, dC_head, part,
+        seqlen, nheads, headdim, dstate, hpg, seg_blocks, *_fused_strides(x, zz, dt, B, C),
+        **flags, **d_flags, SEGMENTED=seg_in is not None, **blocks, BLOCK_P=_pow2(headdim),
     )
     dA = torch.empty_like(A)
     dbias = torch.empty_like(dt_bias) if dt_bias is not None else None
