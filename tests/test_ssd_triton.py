@@ -317,6 +317,15 @@ def test_fused_p_slices_match_reference_gpu(slices, monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("segments,slices", [(2, 2), (4, 1)])
+def test_fused_segments_match_reference_gpu(segments, slices, monkeypatch):
+    force_p_slices(monkeypatch, slices)
+    monkeypatch.setattr(ssd_triton, "_fused_segments", lambda programs, nblocks, device: segments)
+    case = Case(2, 1000, 4, 64, 128, 1, 256, torch.bfloat16, z=True, D="hp", bias=True, softplus=True, h0=True)
+    check_against_ref(case, make_inputs(case))
+
+
+@pytest.mark.gpu
 def test_long_sequence_large_dt_gpu(path):
     case = Case(1, 8192, 2, 64, 128, 1, 256, torch.bfloat16, D="h", bias=True, softplus=True, h0=True)
     check_against_ref(case, make_inputs(case, dt_scale=-5.0), tol=5e-2)  # softplus(−5·(noise − 2)) ≈ 10
