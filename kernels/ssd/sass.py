@@ -26,13 +26,14 @@ def main():
         flags = dict(HAS_Z=False, HAS_DT_BIAS=True, DT_SOFTPLUS=True, BLOCK_T=64, BLOCK_P=p, BLOCK_N=n)
         with_d = dict(flags, HAS_D=True, D_PER_P=False)
         fwd = dict(with_d, HAS_INIT=False, STORE_STATES=True, STORE_FINAL=False, STORE_YPRE=False, SEGMENTED=False)
-        dstate = dict(flags, HAS_DFINAL=False, HAS_INIT=False)
-        block = dict(with_d, SEGMENTED=False)
+        dstate = dict(flags, HAS_DFINAL=False, HAS_INIT=False, SEGMENTED=False)
+        block = dict(with_d, SEGMENTED=False, HAS_INIT=False)
         kernels = [
             ("_fused_fwd_kernel", fwd), ("_fused_fwd_kernel", dict(fwd, BLOCK_P=32)),
             ("_fused_fwd_kernel", dict(fwd, BLOCK_P=32, SEGMENTED=True)),
             ("_fused_fwd_fix_kernel", dict(flags, STORE_FINAL=True, STORE_YPRE=False)),
             ("_fused_dstate_bwd_kernel", dstate), ("_fused_dstate_bwd_kernel", dict(dstate, BLOCK_P=32)),
+            ("_fused_dstate_bwd_kernel", dict(dstate, BLOCK_P=32, SEGMENTED=True)),
             ("_fused_block_bwd_kernel", block), ("_fused_block_bwd_kernel", dict(block, SEGMENTED=True)),
         ]
         for name, consts in kernels:

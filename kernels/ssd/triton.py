@@ -859,32 +859,43 @@ def _fused_fwd_fix_kernel(
 @_autotune(_FUSED_CONFIGS, key=_FUSED_KEY)
 @triton.jit
 def _fused_dstate_bwd_kernel(
-    dout_ptr, z_ptr, dt_ptr, A_ptr, dt_bias_ptr, C_ptr, dfinal_ptr, dstates_ptr, dinit_ptr,
-    seqlen, nheads, headdim, dstate, heads_per_group,
+    dout_ptr, z_ptr, dt_ptr, A_ptr, dt_bias_ptr, C_ptr, dfinal_ptr, dstates_ptr, dinit_ptr, seg_gfirst_ptr,
+    seqlen, nheads, headdim, dstate, heads_per_group, seg_blocks,
     s_z_b, s_z_l, s_z_h, s_dt_b, s_dt_l, s_dt_h, s_C_b, s_C_l, s_C_g,
     HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr, DT_SOFTPLUS: tl.constexpr, HAS_DFINAL: tl.constexpr,
-    HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
+    HAS_INIT: tl.constexpr, SEGMENTED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
+    BLOCK_N: tl.constexpr,
 ):
     """The only sequential part of the backward: the blocks in reverse, G = ∂L/∂(state leaving the block)
     carried in registers and stored for every block ((b·h, blocks, P, N), like the forward's states):
       G ← exp(cs_end) G + Σ_t exp(cs_t) dy_t C_tᵀ   (dy = dout·silu(z)); what is left is the initial state's.
-    Like the forward, a program may take a slice of P."""
+    Like the forward, a program may take a slice of P. SEGMENTED: as in the forward, each segment walks its
+    blocks from G = 0 (the last one from the final state's gradient) and stores what is left at its start
+    (seg_gfirst, (b·h, segments, P, N) fp32); the block backward adds what the later segments contribute and
+    writes the initial state's gradient."""
     bh = tl.program_id(0)
     b, hh, gg = _head(bh, nheads, heads_per_group)
     nblocks = tl.cdiv(seqlen, BLOCK_T)
+    k_first, k_end = 0, nblocks
+    if SEGMENTED:
+        seg = tl.program_id(2)
+        k_first = seg * seg_blocks
+        k_end = tl.minimum(k_first + seg_blocks, nblocks)
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, BLOCK_N)
     offs_p, mask_p, state_off, mask_np = _state_slice(offs_n, headdim, dstate, BLOCK_P)
     A, bias = _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS)
     head_state = bh.to(tl.int64) * headdim * dstate
     Gt = _load_state(dfinal_ptr + head_state + state_off, mask_np, BLOCK_N, BLOCK_P, HAS_DFINAL)  # Gᵀ (N, P)
+    if SEGMENTED:
+        Gt = tl.where(seg == tl.num_programs(2) - 1, Gt, 0.0)  # earlier segments start from zero
     z_base = b * s_z_b + hh * s_z_h
     dt_base = dt_ptr + b * s_dt_b + hh * s_dt_h
     C_base = C_ptr + b * s_C_b + gg * s_C_g
     o_base = (b * seqlen * nheads + hh) * headdim
     st_base = dstates_ptr + bh.to(tl.int64) * nblocks * headdim * dstate
-    for i in range(nblocks):
-        k = nblocks - 1 - i
+    for i in range(k_end - k_first):
+        k = k_end - 1 - i
         tl.store(st_base + k * headdim * dstate + state_off, Gt.to(dstates_ptr.dtype.element_ty), mask=mask_np)
         t = k * BLOCK_T + offs_t
         mask_t = t < seqlen
@@ -895,7 +906,10 @@ def _fused_dstate_bwd_kernel(
         Ct = tl.load(C_base + t[:, None] * s_C_l + offs_n[None, :], mask=mask_t[:, None] & (offs_n[None, :] < dstate),
                      other=0.0)  # (T, N)
         Gt = Gt * tl.exp(cs_end) + _dot(tl.trans((Ct * tl.exp(cs)[:, None]).to(Ct.dtype)), dy.to(Ct.dtype))
-    if HAS_INIT:
+    if SEGMENTED:
+        tl.store(seg_gfirst_ptr + (bh.to(tl.int64) * tl.num_programs(2) + seg) * headdim * dstate + state_off, Gt,
+                 mask=mask_np)
+    elif HAS_INIT:
         tl.store(dinit_ptr + head_state + state_off, Gt, mask=mask_np)
 
 
@@ -904,13 +918,13 @@ def _fused_dstate_bwd_kernel(
 @triton.jit
 def _fused_block_bwd_kernel(
     x_ptr, dt_ptr, A_ptr, dt_bias_ptr, B_ptr, C_ptr, D_ptr, z_ptr, dout_ptr, ypre_ptr, states_ptr, dstates_ptr,
-    seg_decay_ptr, seg_in_ptr, dx_ptr, dz_ptr, ddt_ptr, dB_ptr, dC_ptr, part_ptr,
+    seg_decay_ptr, seg_in_ptr, seg_gfirst_ptr, dinit_ptr, dx_ptr, dz_ptr, ddt_ptr, dB_ptr, dC_ptr, part_ptr,
     seqlen, nheads, headdim, dstate, heads_per_group, seg_blocks,
     s_x_b, s_x_l, s_x_h, s_z_b, s_z_l, s_z_h, s_dt_b, s_dt_l, s_dt_h,
     s_B_b, s_B_l, s_B_g, s_C_b, s_C_l, s_C_g,
     HAS_D: tl.constexpr, D_PER_P: tl.constexpr, HAS_Z: tl.constexpr, HAS_DT_BIAS: tl.constexpr,
-    DT_SOFTPLUS: tl.constexpr, SEGMENTED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    DT_SOFTPLUS: tl.constexpr, SEGMENTED: tl.constexpr, HAS_INIT: tl.constexpr, BLOCK_T: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     """One block of one head, independent of the others once S (entering state, from the forward) and
     G (∂L/∂ state leaving, from `_fused_dstate_bwd_kernel`) are known. With dy = dout·silu(z),
@@ -968,6 +982,22 @@ def _fused_block_bwd_kernel(
         decay_in = tl.exp(tl.load(seg_decay_ptr + bh.to(tl.int64) * (nblocks + nseg) + k))
         S = (S.to(tl.float32) + decay_in * S_in).to(S.dtype)  # in the stored dtype, as the unsplit forward has it
     G = tl.load(dstates_ptr + st_blk + pn_off, mask=mask_pn, other=0.0)  # (P, N), ∂L/∂ the state leaving it
+    if SEGMENTED:  # so was G (`_fused_dstate_bwd_kernel`): add what the later segments send back
+        seg_sums = seg_decay_ptr + bh.to(tl.int64) * (nblocks + nseg) + nblocks  # Σ Δ·A over each segment
+        seg_rows = seg_gfirst_ptr + bh.to(tl.int64) * nseg * headdim * dstate + pn_off
+        G_in = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # ∂L/∂ the state leaving this segment
+        for i in range(nseg - 1 - seg):
+            j = nseg - 1 - i
+            G_in = G_in * tl.exp(tl.load(seg_sums + j)) + tl.load(seg_rows + j * headdim * dstate, mask=mask_pn,
+                                                                  other=0.0)
+        # exp(Σ Δ·A from this block's end to its segment's end) = exp(segment − before this block − this block)
+        to_end = tl.exp(tl.load(seg_sums + seg) - tl.load(seg_decay_ptr + bh.to(tl.int64) * (nblocks + nseg) + k)
+                        - cs_end)
+        G = (G.to(tl.float32) + to_end * G_in).to(G.dtype)
+        if HAS_INIT:
+            if k == 0:
+                dinit = tl.load(seg_rows, mask=mask_pn, other=0.0) + tl.exp(tl.load(seg_sums)) * G_in
+                tl.store(dinit_ptr + bh.to(tl.int64) * headdim * dstate + pn_off, dinit, mask=mask_pn)
     dda = tl.exp(cs_end) * tl.sum(tl.sum(G.to(tl.float32) * S.to(tl.float32), axis=1), axis=0)
     dy = tl.load(dout_ptr + o_blk + tp_off, mask=mask_tp, other=0.0).to(tl.float32)  # (T, P)
     if HAS_Z:
@@ -1418,11 +1448,13 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     dstates = torch.empty_like(states)
     dinit = torch.empty(batch, nheads, headdim, dstate, device=x.device, dtype=torch.float32) if has_init else None
     block_p = _fused_block_p(batch * nheads, headdim, x.device)
-    _fused_dstate_bwd_kernel[(batch * nheads, cdiv(headdim, block_p))](
+    nseg = seg_in.shape[1] if seg_in is not None else 1
+    seg_gfirst = torch.empty_like(seg_in) if seg_in is not None else None
+    _fused_dstate_bwd_kernel[(batch * nheads, cdiv(headdim, block_p), nseg)](
         dout, zz, dt, A, bias_arg, C, dfin if dfin is not None else dout, dstates,
-        dinit if dinit is not None else dstates,
-        seqlen, nheads, headdim, dstate, hpg, *zz.stride()[:3], *dt.stride(), *C.stride()[:3],
-        **flags, HAS_DFINAL=dfin is not None, HAS_INIT=has_init, **blocks, BLOCK_P=block_p,
+        dinit if dinit is not None else dstates, seg_gfirst if seg_gfirst is not None else dstates,
+        seqlen, nheads, headdim, dstate, hpg, seg_blocks, *zz.stride()[:3], *dt.stride(), *C.stride()[:3],
+        **flags, HAS_DFINAL=dfin is not None, HAS_INIT=has_init, SEGMENTED=nseg > 1, **blocks, BLOCK_P=block_p,
     )
 
     dx = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
@@ -1438,9 +1470,10 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     _fused_block_bwd_kernel[(nblocks, batch * nheads)](
         x, dt, A, bias_arg, B, C, D if D is not None else A, zz, dout, ypre if ypre is not None else dout,
         states, dstates, seg_decay if seg_decay is not None else states, seg_in if seg_in is not None else states,
+        seg_gfirst if seg_gfirst is not None else states, dinit if dinit is not None else states,
         dx, dz if dz is not None else dx, ddt, dB_head, dC_head, part,
         seqlen, nheads, headdim, dstate, hpg, seg_blocks, *_fused_strides(x, zz, dt, B, C),
-        **flags, **d_flags, SEGMENTED=seg_in is not None, **blocks, BLOCK_P=_pow2(headdim),
+        **flags, **d_flags, SEGMENTED=nseg > 1, HAS_INIT=has_init, **blocks, BLOCK_P=_pow2(headdim),
     )
     dA = torch.empty_like(A)
     dbias = torch.empty_like(dt_bias) if dt_bias is not None else None
