@@ -137,12 +137,18 @@ def test_matches_reference(case, path):
 
 
 def test_auto_path_fills_the_gpu_with_fused_programs():
-    """The fused path runs b·h programs: "auto" takes it once they fill the multiprocessors, or 3/8 of
-    them when a backward follows (its backward's block kernel is parallel over blocks)."""
+    """Forward alone, "auto" takes the fused path once its b·h programs fill the multiprocessors. When a
+    backward follows, once its programs, with P slices and sequence segments, fill 3/4 of them: a long
+    sequence split into segments brings a few heads onto it."""
     sms, dev = ssd_triton._num_sms(torch.device(DEVICE)), torch.device(DEVICE)
-    low = sms * 3 // 8
-    assert ssd_triton._use_fused(sms, 1, dev, False) and not ssd_triton._use_fused(1, sms - 1, dev, False)
-    assert ssd_triton._use_fused(1, low, dev, True) and not ssd_triton._use_fused(1, low - 1, dev, True)
+    assert ssd_triton._use_fused((sms, 16, 1, 16), dev, False)
+    assert not ssd_triton._use_fused((1, 16, sms - 1, 16), dev, False)
+    low, t = sms * 3 // 4, ssd_triton._FUSED_T
+    assert ssd_triton._use_fused((1, t, low, 16), dev, True)  # P = 16: no slices; one block: no segments
+    assert not ssd_triton._use_fused((1, t, low - 1, 16), dev, True)
+    long = t * ssd_triton._MIN_SEGMENT * low  # enough blocks for `low` segments
+    assert ssd_triton._use_fused((1, long, 1, 16), dev, True)
+    assert not ssd_triton._use_fused((1, long, 1, 16), dev, False)
 
 
 def test_fused_path_only_where_its_kernels_fit(monkeypatch):
@@ -179,7 +185,7 @@ def test_states_no_path_fits_are_refused_with_the_limit(monkeypatch):
 def test_auto_path_follows_grad(monkeypatch):
     """Which path the forward takes depends on whether a backward will follow."""
     sms = ssd_triton._num_sms(torch.device(DEVICE))
-    case = Case(1, 20, sms * 3 // 8, 16, 16, 1, 16)  # b·h: 3/8 of the multiprocessors
+    case = Case(1, 20, sms * 3 // 4, 16, 16, 1, 16)  # b·h: 3/4 of the multiprocessors
     taken = []
     real = ssd_triton._use_fused
     monkeypatch.setattr(ssd_triton, "_use_fused", lambda *a: taken.append(real(*a)) or taken[-1])

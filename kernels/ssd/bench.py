@@ -153,8 +153,8 @@ def time_shape(b, l, h, p, n, mamba, paths=PATHS):
     if mamba is not None:  # last: a failed graph capture of it must not disturb the others
         impls["mamba"] = lambda: mamba(*scan_in, **args)
 
-    row = {f"auto_{key}": "fused" if ours._use_fused(b, h, torch.device("cuda"), key == "fwdbwd") else "chunked"
-           for key in ("fwd", "fwdbwd")}
+    auto = {key: ours._use_fused((b, l, h, p), torch.device("cuda"), key == "fwdbwd") for key in ("fwd", "fwdbwd")}
+    row = {f"auto_{key}": "fused" if fused else "chunked" for key, fused in auto.items()}
     with torch.no_grad():
         ref = impls["ref"]().float()
         for name in ("fused", "chunked", "mamba"):

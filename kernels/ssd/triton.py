@@ -8,8 +8,8 @@ with respect to the state leaving a chunk, seen from the tokens after it.
 Per head:  h_t = exp(Δ_t·A)·h_{t−1} + Δ_t·x_t B_tᵀ,   y_t = (h_t C_t + D·x_t)·silu(z_t).
 
 Two paths compute the same function; `ssd_scan_triton` takes the fused one when its b·h programs fill
-the GPU, or 3/8 of it for training (`_use_fused`), which is the workbench's case, and the chunked one
-for a few long sequences.
+the GPU, or, for training, when its programs (P slices and sequence segments included) fill 3/4 of it
+(`_use_fused`), which is the workbench's case; the chunked one otherwise.
 
 Fused path (blocks of T = 64 tokens; 1 launch forward, 3 backward):
   `_fused_fwd_kernel`         per b·h (and slice of P, when b·h programs would leave SMs idle): the
@@ -1290,8 +1290,8 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
     return dx, ddt, dA, dB, dC, dD, dz, dbias, dinit
 
 
-# Which path `ssd_scan_triton` takes: "auto" takes the fused kernels when the b·h programs fill the GPU,
-# or 3/8 of it when a backward follows; "fused" and "chunked" force one (for tests and benchmarks).
+# Which path `ssd_scan_triton` takes: "auto" asks `_use_fused`; "fused" and "chunked" force one (for tests and
+# benchmarks).
 PATH = "auto"
 _FUSED_T = 16 if INTERPRET else 64  # tokens a block on the fused path
 # A P slice of the sequential fused kernels is only ever the narrow (column) side of their matrix products
@@ -1339,17 +1339,25 @@ def unsupported(x: torch.Tensor, dstate: int) -> str | None:
             f"dtype; use {fixes}, or backend='torch'")
 
 
-def _use_fused(batch: int, nheads: int, device: torch.device, for_backward: bool) -> bool:
-    """Fused or chunked, from how many fused programs there are. Measured on an H200 (132 SMs) at
-    l = 16384, h = 32, p = 64, n = 128 with P sliced (BENCHMARKS.md, "v8"): forward+backward, fused beats
-    chunked at b·h = 64 (2.90 against 4.03 ms graphed) but not at 32 (2.26 against 2.12), so from ~3/8 of
-    the SMs; the forward alone only from b·h ≈ 96 (1.39 against 1.39 ms; 1.19 against 0.99 at 64), and
-    clearly at 256 (0.45 against 0.93 at (4, 4096, 64, 64, 128)). Since then the chunked forward got faster
-    (v9: 0.99 → 0.76 ms at b·h = 64), so the forward-only crossing is probably above b·h = 96 now; not re-timed."""
+def _use_fused(shape: tuple[int, ...], device: torch.device, for_backward: bool) -> bool:
+    """Fused or chunked for x of `shape` (b, l, h, p), from how many programs the fused kernels run. Measured on
+    an H200 (132 SMs), bf16, graphed (BENCHMARKS.md, "v10"):
+    - the forward alone: from b·h ≥ SMs. Below, the chunked forward wins even against segments: 0.76 against
+      0.89 ms at (2, 16384, 32, 64, 128), 0.40 against 0.48 at b = 1; above, the fused one (0.46 ms at
+      (4, 4096, 64, 64, 128), b·h = 256; chunked 0.93 in v8);
+    - forward+backward: once the sequential kernels' programs (b·h, times P slices, times segments) fill 3/4 of
+      the SMs. With 128 or more the fused path won at every shape timed: (1, 16384, 32, 64, 128) 1.44 against
+      1.84 ms, (1, 8192, 16, 64, 128) 0.47 against 0.54, (8, 1024, 8, 64, 64) 0.16 against 0.19; with 32 it
+      lost at every one: 0.22 against 0.12 ms at (1, 4096, 8, 64, 64), and v8's 64 (one segment) lost 2.26
+      against 2.12."""
     if PATH != "auto":
         return PATH == "fused"
+    batch, seqlen, nheads, headdim = shape
     sms = _num_sms(device)
-    return batch * nheads >= (sms * 3 // 8 if for_backward else sms)
+    if not for_backward:
+        return batch * nheads >= sms
+    programs = batch * nheads * cdiv(headdim, _fused_block_p(batch * nheads, headdim, device))
+    return programs * _fused_segments(programs, cdiv(seqlen, _FUSED_T), device) >= sms * 3 // 4
 
 
 @functools.cache  # asked twice a forward+backward
@@ -1500,7 +1508,7 @@ class _SSDScanFn(torch.autograd.Function):
     def forward(ctx, x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, return_final_states,
                 for_backward):
         # Where the fused kernels would not fit in shared memory, the chunked path runs whatever PATH says.
-        ctx.fused = _fused_fits(x, B.shape[3]) and _use_fused(x.shape[0], x.shape[2], x.device, for_backward)
+        ctx.fused = _fused_fits(x, B.shape[3]) and _use_fused(x.shape, x.device, for_backward)
         if ctx.fused:
             out, final, saved = _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus,
                                            store_final=return_final_states, for_backward=for_backward)
