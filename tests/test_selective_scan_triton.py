@@ -3,7 +3,8 @@ states and every gradient (u, delta, A, B, C, D, z, delta_bias) with random upst
 the decode step against the reference and against the full scan.
 
 On CPU these run through TRITON_INTERPRET=1 at tiny shapes (chunk lengths forced down to 16 so
-several chunks and their carried states are exercised); tests marked gpu run at real shapes.
+several chunks and their carried states are exercised; the forward walks up to 4 of them at a time,
+storing the state after each); tests marked gpu run at real shapes.
 """
 
 import os
@@ -83,7 +84,8 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int) -> dict[str, torch.Te
 def run_triton(x, case: Case, return_last_state=False):
     if case.chunk is None:
         return selective_scan_triton(**x, delta_softplus=case.gated, return_last_state=return_last_state)
-    return SelectiveScanFn.apply(*(x[k] for k in NAMES), case.gated, return_last_state, case.chunk)
+    for_backward = torch.is_grad_enabled()
+    return SelectiveScanFn.apply(*(x[k] for k in NAMES), case.gated, return_last_state, case.chunk, for_backward)
 
 
 def check_against(oracle, case: Case, dtype: torch.dtype, seed: int, tol: float):
@@ -115,6 +117,7 @@ CPU_CASES = [
     Case(1, 4, 1, 2, None),  # a single step
     Case(1, 16, 37, 2, None),  # several channel blocks of one group add into dB, dC
     Case(1, 4, 300, 3, 2),  # the default chunks of 128: three; two channels a forward program, one a backward
+    Case(1, 4, 150, 3, None, chunk=16),  # forward chunks of 64 (4 backward chunks): 3, the last one partial
 ]
 
 
@@ -123,12 +126,26 @@ def test_scan_fp32(case):
     check_against(selective_scan_naive, case, torch.float32, seed=0, tol=TOL[torch.float32])
 
 
-@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[-1]], ids=str)
+@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[-2]], ids=str)
 def test_scan_backward_flip_scan_variant(case, monkeypatch):
     """The backward's reverse scan by tl.associative_scan(reverse=True), which bench.py --sweep
     times against the default (each thread's steps composed first): same results."""
     monkeypatch.setitem(triton_impl._BWD_TILE, "reverse_by_thread", False)
     check_against(selective_scan_naive, case, torch.float32, seed=0, tol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("case", CPU_CASES[-2:], ids=str)
+def test_forward_without_backward(case):
+    """Without a backward to follow, the forward stores the state only after each of its own chunks
+    (4 of the backward's), not after each backward chunk: the same y and last state, bit for bit."""
+    x = make_inputs(case, torch.float32, seed=6)
+    with torch.no_grad():
+        y, last = run_triton(x, case, return_last_state=True)
+    y_grad, last_grad = run_triton(x, case, return_last_state=True)
+    assert y_grad.requires_grad and torch.equal(y, y_grad) and torch.equal(last, last_grad)
+    x64 = {k: None if v is None else v.detach().double() for k, v in x.items()}
+    y64, last64 = selective_scan_naive(**x64, delta_softplus=case.gated, return_last_state=True)
+    assert rel_err(y, y64) < TOL[torch.float32] and rel_err(last, last64) < TOL[torch.float32]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)

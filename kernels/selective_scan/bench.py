@@ -25,11 +25,12 @@ from kernels.selective_scan.reference import selective_scan_ref
 
 SHAPES = [(64, 256, 1024, 16), (8, 2048, 2048, 16)]  # (b, d, l, n)
 
-# Alternatives for --sweep, per kernel; the first is the default (ss._chunk_size, ss._tile).
-# (BLOCK_D, BLOCK_L, num_warps, maxnreg[, reverse_by_thread]); maxnreg None: the compiler's
-# choice. The backward's BLOCK_D channels sit in each thread when BLOCK_L = 32·warps·(steps a
-# thread), as in (2, 128, 1). See NOTES.md.
-FWD_TILES = [(2, 128, 1, None), (1, 128, 1, None), (1, 64, 1, None), (1, 512, 1, None)]
+# Alternatives for --sweep, per kernel; the first is the default (ss._forward_chunk and
+# ss._chunk_size, ss._tile). (BLOCK_D, BLOCK_L, num_warps, maxnreg[, reverse_by_thread]); maxnreg
+# None: the compiler's choice. The backward's BLOCK_D channels sit in each thread when
+# BLOCK_L = 32·warps·(steps a thread), as in (2, 128, 1). The forward stores the state after every
+# backward chunk, as for training. See NOTES.md.
+FWD_TILES = [(1, 512, 1, None), (2, 128, 1, None), (1, 128, 1, None), (1, 256, 1, None)]
 BWD_TILES = [(1, 128, 1, None, True), (1, 128, 1, 80, True), (1, 128, 1, 64, True), (1, 64, 1, None, True),
              (1, 64, 1, 64, True), (2, 64, 1, None, True), (2, 128, 1, 128, True)]
 
@@ -110,7 +111,8 @@ def sweep_shape(b, d, l, n):
             if rev:
                 tile["reverse_by_thread"] = rev[0]
             if kind == "fwd":
-                fn = lambda: ss._selective_scan_fwd(*args, True, False, bl, tile=tile)  # noqa: E731
+                fn = lambda: ss._selective_scan_fwd(*args, True, True, bl, min(bl, ss._chunk_size(l)),  # noqa: E731
+                                                    tile=tile)
             else:
                 _, states = ss._selective_scan_fwd(*args, True, False, bl)
                 fn = lambda: ss._selective_scan_bwd(dy, *args, True, states, bl, tile=tile)  # noqa: E731

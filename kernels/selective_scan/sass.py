@@ -44,13 +44,15 @@ def main():
     for kind, tiles in (("fwd", bench.FWD_TILES), ("bwd", bench.BWD_TILES)):
         for bd, bl, nw, maxnreg, *rev in tiles:
             nchunks = cdiv(l, bl)
-            ints = dict(dim=d, seqlen=l, dstate=n, nchunks=nchunks, channels_per_group=d, ngroups=1,
+            state_l = min(bl, ss._chunk_size(l))  # the forward stores a state every backward chunk
+            ints = dict(dim=d, seqlen=l, dstate=n, nchunks=nchunks, nstates=cdiv(l, state_l), channels_per_group=d,
+                        ngroups=1,
                         s_A_d=n, s_A_n=1, s_B_b=n * l, s_B_g=n * l, s_B_n=l, s_C_b=n * l, s_C_g=n * l, s_C_n=l,
                         **{f"s_{x}_b": d * l for x in ("u", "dt", "z", "y", "dy")},
                         **{f"s_{x}_d": l for x in ("u", "dt", "z", "y", "dy")})
             if kind == "fwd":
                 kernel = ss._selective_scan_fwd_kernel
-                consts = dict(flags, STORE_STATES=nchunks > 1, BLOCK_D=bd, BLOCK_L=bl)
+                consts = dict(flags, STORE_STATES=True, BLOCK_D=bd, BLOCK_L=bl, STATE_L=state_l)
             else:
                 kernel = ss._selective_scan_bwd_kernel
                 consts = dict(flags, MULTI_CHUNK=nchunks > 1, BLOCK_D=bd, BLOCK_L=bl,

@@ -17,8 +17,10 @@ Hardware-aware layout: one program owns BLOCK_D channels of one batch row (all i
 they share B and C) and walks the sequence in chunks of BLOCK_L steps. Inside a chunk it loops
 over the state index n; for each n the recurrence over the chunk is one `tl.associative_scan` over
 pairs (a, x) = (exp(Δ A_n), Δ B_n u), and C_n h is accumulated into y, so the full state is never
-written to memory. Only each chunk's final state (b, d, n) is stored, and only when there is more
-than one chunk or the caller wants the last state: the backward pass restarts every chunk from it.
+written to memory. Only the state (b, d, n) after every STATE_L steps is stored, and only when the
+sequence spans several spans or the caller wants the last state. The backward walks chunks of 128
+steps and restarts each from the state stored before it, so with a backward to follow STATE_L is its
+chunk and the forward's chunk holds 4 of them; without one, STATE_L is the forward's chunk.
 
 Backward, per chunk from last to first and per n: recompute h by the same forward scan, then the
 adjoint g_t = dL/dh_t = C_t dout_t + exp(Δ_{t+1} A) g_{t+1} by a reverse scan, with g carried
@@ -128,12 +130,13 @@ def _load_dout(dy_row, z_row, offs_l, mask, HAS_Z: tl.constexpr):
 @triton.jit
 def _selective_scan_fwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, y_ptr, states_ptr,
-    dim, seqlen, dstate, nchunks, channels_per_group,
+    dim, seqlen, dstate, nchunks, nstates, channels_per_group,
     s_u_b, s_u_d, s_dt_b, s_dt_d, s_A_d, s_A_n,
     s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d, s_y_b, s_y_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    STORE_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    STORE_STATES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, STATE_L: tl.constexpr,
 ):
+    SUBS: tl.constexpr = BLOCK_L // STATE_L  # states stored a chunk
     pid_d = tl.program_id(0)
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -148,14 +151,15 @@ def _selective_scan_fwd_kernel(
     B_base = B_ptr + pid_b * s_B_b + group * s_B_g
     C_base = C_ptr + pid_b * s_C_b + group * s_C_g
     A_col = A_ptr + offs_d * s_A_d
-    # states: (b, d, nchunks, n) fp32, the state after each chunk
-    states_row = states_ptr + ((pid_b * dim + offs_d) * nchunks) * dstate  # (BLOCK_D,)
-    # A tile of pointers whose last column is the row's state: with the mask `is_last` this
-    # stores that column without a reduction over the chunk. The masked-off columns are never
-    # dereferenced; they make the pointers contiguous along l, so the store takes the layout of
-    # the loads and h needs no layout conversion.
-    states_tile = states_row[:, None] + (offs_c[None, :] - (BLOCK_L - 1))
-    is_last = (offs_c == BLOCK_L - 1)[None, :]
+    # states: (b, d, nstates, n) fp32, the state after every STATE_L steps (the backward's chunks)
+    states_row = states_ptr + ((pid_b * dim + offs_d) * nstates) * dstate  # (BLOCK_D,)
+    # A tile of pointers, column j to the state after j's span of STATE_L steps: with the mask
+    # `is_last` (each span's last column) this stores those columns without a reduction over the
+    # chunk. Elementwise in offs_c, the tile has the layout of the loads, so h needs no layout
+    # conversion; the masked-off columns are never dereferenced.
+    sub = offs_c // STATE_L
+    states_tile = states_row[:, None] + sub[None, :] * dstate
+    is_last = (offs_c % STATE_L == STATE_L - 1)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d).to(tl.float32)
     else:
@@ -167,6 +171,8 @@ def _selective_scan_fwd_kernel(
         offs_l = c * BLOCK_L + offs_c
         mask = (offs_l < seqlen)[None, :]
         has_prev = tl.full((BLOCK_D,), c, dtype=tl.int32) > 0  # chunk 0 starts from h = 0
+        # Spans wholly past the sequence hold no state (there are nstates).
+        store_mask = is_last & (c * SUBS + sub < nstates)[None, :]
         u = tl.load(u_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
         dt, _ = _load_delta(delta_row, bias, offs_l, mask, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
@@ -180,7 +186,7 @@ def _selective_scan_fwd_kernel(
         B_nx = tl.load(B_base + bc_offs, mask=mask, other=0.0)
         C_nx = tl.load(C_base + bc_offs, mask=mask, other=0.0)
         if STORE_STATES:
-            h0_nx = tl.load(states_row + (c - 1) * dstate, mask=has_prev, other=0.0)
+            h0_nx = tl.load(states_row + (c * SUBS - 1) * dstate, mask=has_prev, other=0.0)
         for n in range(dstate):
             A2 = A_nx.to(tl.float32) * LOG2E
             Bn = B_nx.to(tl.float32)
@@ -194,10 +200,10 @@ def _selective_scan_fwd_kernel(
             a_s, h = tl.associative_scan((a, x), axis=1, combine_fn=_combine)
             if STORE_STATES:
                 h0 = h0_nx
-                h0_nx = tl.load(states_row + (c - 1) * dstate + nx, mask=has_prev, other=0.0)
+                h0_nx = tl.load(states_row + (c * SUBS - 1) * dstate + nx, mask=has_prev, other=0.0)
                 h += a_s * h0[:, None]
-                # The tail of the last chunk has a = 1, x = 0, so the last column is the state.
-                tl.store(states_tile + c * dstate + n, h, mask=is_last)
+                # Past the sequence a = 1, x = 0: the last span's last column is the final state.
+                tl.store(states_tile + c * SUBS * dstate + n, h, mask=store_mask)
             y += h * Cn
         if STORE_STATES:
             tl.debug_barrier()  # this chunk's states are read by other threads in the next one
@@ -415,6 +421,13 @@ def _chunk_size(seqlen: int) -> int:
     return min(max(next_pow2(seqlen), 16), 128)
 
 
+def _forward_chunk(seqlen: int, block_l: int) -> int:
+    # The forward walks 4 of the backward's chunks at a time (storing the state after each for it):
+    # fewer, longer steps of its sequential loop. At (64, 256, 1024, 16) on an H200, 512 steps took
+    # 0.279 ms against 0.336 for 128 (BENCHMARKS.md, "v5").
+    return max(block_l, min(next_pow2(seqlen), 4 * block_l))
+
+
 # Tiles: each thread holds `per_thread` elements of every (BLOCK_D, BLOCK_L) fp32 tile; BLOCK_D
 # follows from BLOCK_L. `maxnreg` caps the registers a thread (None: the compiler's choice).
 # `reverse_by_thread`: the backward's reverse scan composes each thread's steps in registers before
@@ -449,29 +462,32 @@ def _grouped(M):
 
 
 def _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus, store_states,
-                        block_l, tile=None):
+                        block_l, state_l=None, tile=None):
+    """y, and states (b, d, l / state_l, n) fp32: the state after every state_l steps (a divisor
+    of the forward's chunk block_l; block_l when None), when asked for or needed across chunks."""
     batch, dim, seqlen = u.shape
     dstate = A.shape[1]
     B4, C4 = _grouped(B), _grouped(C)
     ngroups = B4.shape[1]
+    state_l = state_l or block_l
     nchunks = cdiv(seqlen, block_l)
     store_states = store_states or nchunks > 1
+    nstates = cdiv(seqlen, state_l) if store_states else 0
     tile = tile or _tile(_FWD_TILE, block_l, dim // ngroups)
     y = torch.empty_like(u)
-    states = torch.empty(batch, dim, nchunks if store_states else 0, dstate, device=u.device,
-                         dtype=torch.float32)
+    states = torch.empty(batch, dim, nstates, dstate, device=u.device, dtype=torch.float32)
     zz = z if z is not None else u
     grid = (dim // tile["block_d"], batch)
     _selective_scan_fwd_kernel[grid](
         u, delta, A, B4, C4, D if D is not None else u, zz,
         delta_bias if delta_bias is not None else u, y, states if store_states else y,
-        dim, seqlen, dstate, nchunks, dim // ngroups,
+        dim, seqlen, dstate, nchunks, nstates, dim // ngroups,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
         B4.stride(0), B4.stride(1), B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2),
         zz.stride(0), zz.stride(1), y.stride(0), y.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
         SOFTPLUS=delta_softplus, STORE_STATES=store_states, BLOCK_D=tile["block_d"],
-        BLOCK_L=block_l, num_warps=tile["num_warps"], maxnreg=tile["maxnreg"],
+        BLOCK_L=block_l, STATE_L=state_l, num_warps=tile["num_warps"], maxnreg=tile["maxnreg"],
     )
     return y, states
 
@@ -523,13 +539,16 @@ def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
 class SelectiveScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state,
-                block_l):
+                block_l, for_backward):
         u, delta, B, C, z = map(_lastdim_contiguous, (u, delta, B, C, z))
         D, delta_bias = (None if t is None else t.contiguous() for t in (D, delta_bias))
-        need_grad = any(ctx.needs_input_grad[:8])
+        # block_l: the backward's chunk. The backward restarts each from the state the forward
+        # stored before it; without a backward the forward stores only its own chunks' states.
+        fwd_l = _forward_chunk(u.shape[2], block_l)
         y, states = _selective_scan_fwd(u, delta, A, B, C, D, z, delta_bias, delta_softplus,
-                                        return_last_state, block_l)
-        if need_grad:
+                                        return_last_state or (for_backward and u.shape[2] > block_l),
+                                        fwd_l, block_l if for_backward else fwd_l)
+        if for_backward:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, states)
             ctx.delta_softplus = delta_softplus
             ctx.block_l = block_l
@@ -544,7 +563,7 @@ class SelectiveScanFn(torch.autograd.Function):
         u, delta, A, B, C, D, z, delta_bias, states = ctx.saved_tensors
         grads = _selective_scan_bwd(_lastdim_contiguous(dy), u, delta, A, B, C, D, z, delta_bias,
                                     ctx.delta_softplus, states, ctx.block_l)
-        return *grads, None, None, None
+        return *grads, None, None, None, None
 
 
 def _check_layout(u, delta, A, B, C):
@@ -570,8 +589,10 @@ def selective_scan_triton(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     Works on CUDA tensors, or on CPU tensors under TRITON_INTERPRET=1.
     """
     _check_layout(u, delta, A, B, C)
-    return SelectiveScanFn.apply(u, delta, A, B, C, D, z, delta_bias, bool(delta_softplus),
-                                 bool(return_last_state), _chunk_size(u.shape[2]))
+    inputs = (u, delta, A, B, C, D, z, delta_bias)
+    for_backward = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs)
+    return SelectiveScanFn.apply(*inputs, bool(delta_softplus), bool(return_last_state),
+                                 _chunk_size(u.shape[2]), for_backward)
 
 
 def selective_state_update_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None,
