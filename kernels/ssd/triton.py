@@ -689,14 +689,23 @@ def _load_state(ptrs, mask, ROWS: tl.constexpr, COLS: tl.constexpr, PRESENT: tl.
 
 
 @triton.jit
-def _state_slice(offs_n, headdim, dstate, BLOCK_P: tl.constexpr):
-    """This program's columns of P (grid axis 1: the slices are independent in the sequential kernels), and
-    the (N, P) offsets and mask of its part of a state stored as contiguous (p, n): the sequential kernels
-    hold states transposed, so that the slice's P is the narrow side of every matrix product."""
-    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+def _state_slice(offs_n, headdim, dstate, p_slice, BLOCK_P: tl.constexpr):
+    """Columns p_slice·BLOCK_P… of P (the slices are independent in the sequential kernels), and the (N, P)
+    offsets and mask of that part of a state stored as contiguous (p, n): the sequential kernels hold states
+    transposed, so that the slice's P is the narrow side of every matrix product."""
+    offs_p = p_slice * BLOCK_P + tl.arange(0, BLOCK_P)
     mask_p = offs_p < headdim
     state_off = offs_n[:, None] + offs_p[None, :] * dstate  # (N, P)
     return offs_p, mask_p, state_off, (offs_n < dstate)[:, None] & mask_p[None, :]
+
+
+@triton.jit
+def _segment_blocks(nblocks, seg_blocks, SEGMENTED: tl.constexpr):
+    """This program's segment (grid axis 2) and its blocks [k_first, k_end): all of them unless SEGMENTED."""
+    if SEGMENTED:
+        seg = tl.program_id(2)
+        return seg, seg * seg_blocks, tl.minimum(seg * seg_blocks + seg_blocks, nblocks)
+    return 0, 0, nblocks
 
 
 @fast_launch
@@ -726,14 +735,10 @@ def _fused_fwd_kernel(
     bh = tl.program_id(0)
     b, hh, gg = _head(bh, nheads, heads_per_group)
     nblocks = tl.cdiv(seqlen, BLOCK_T)
-    k_first, k_end = 0, nblocks
-    if SEGMENTED:
-        seg = tl.program_id(2)
-        k_first = seg * seg_blocks
-        k_end = tl.minimum(k_first + seg_blocks, nblocks)
+    seg, k_first, k_end = _segment_blocks(nblocks, seg_blocks, SEGMENTED)
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_p, mask_p, state_off, mask_np = _state_slice(offs_n, headdim, dstate, BLOCK_P)
+    offs_p, mask_p, state_off, mask_np = _state_slice(offs_n, headdim, dstate, tl.program_id(1), BLOCK_P)
     mask_n = offs_n < dstate
     causal = offs_t[:, None] >= offs_t[None, :]  # (T, T): token t reads tokens s ≤ t
     A, bias = _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS)
@@ -817,10 +822,7 @@ def _fused_fwd_fix_kernel(
     seg = k // seg_blocks
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_p = tl.arange(0, BLOCK_P)
-    mask_p = offs_p < headdim
-    state_off = offs_n[:, None] + offs_p[None, :] * dstate  # (N, P): Sᵀ of a contiguous (P, N)
-    mask_np = (offs_n < dstate)[:, None] & mask_p[None, :]
+    offs_p, mask_p, state_off, mask_np = _state_slice(offs_n, headdim, dstate, 0, BLOCK_P)  # all of P
     decay_row = seg_decay_ptr + bh.to(tl.int64) * (nblocks + nseg)
     seg_rows = bh.to(tl.int64) * nseg * headdim * dstate
     S_in = tl.zeros((BLOCK_N, BLOCK_P), dtype=tl.float32)
@@ -876,14 +878,10 @@ def _fused_dstate_bwd_kernel(
     bh = tl.program_id(0)
     b, hh, gg = _head(bh, nheads, heads_per_group)
     nblocks = tl.cdiv(seqlen, BLOCK_T)
-    k_first, k_end = 0, nblocks
-    if SEGMENTED:
-        seg = tl.program_id(2)
-        k_first = seg * seg_blocks
-        k_end = tl.minimum(k_first + seg_blocks, nblocks)
+    seg, k_first, k_end = _segment_blocks(nblocks, seg_blocks, SEGMENTED)
     offs_t = tl.arange(0, BLOCK_T)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_p, mask_p, state_off, mask_np = _state_slice(offs_n, headdim, dstate, BLOCK_P)
+    offs_p, mask_p, state_off, mask_np = _state_slice(offs_n, headdim, dstate, tl.program_id(1), BLOCK_P)
     A, bias = _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS)
     head_state = bh.to(tl.int64) * headdim * dstate
     Gt = _load_state(dfinal_ptr + head_state + state_off, mask_np, BLOCK_N, BLOCK_P, HAS_DFINAL)  # Gᵀ (N, P)
@@ -979,11 +977,12 @@ def _fused_block_bwd_kernel(
         # seg_in holds nothing for the first segment, whose blocks (half, or more) then read no more memory.
         S_in = tl.load(seg_in_ptr + (bh.to(tl.int64) * nseg + seg) * headdim * dstate + pn_off,
                        mask=mask_pn & ((pn_off * 0 + seg) > 0), other=0.0)
-        decay_in = tl.exp(tl.load(seg_decay_ptr + bh.to(tl.int64) * (nblocks + nseg) + k))
+        decay_row = seg_decay_ptr + bh.to(tl.int64) * (nblocks + nseg)  # Σ Δ·A before each block, then a segment
+        decay_in = tl.exp(tl.load(decay_row + k))
         S = (S.to(tl.float32) + decay_in * S_in).to(S.dtype)  # in the stored dtype, as the unsplit forward has it
     G = tl.load(dstates_ptr + st_blk + pn_off, mask=mask_pn, other=0.0)  # (P, N), ∂L/∂ the state leaving it
     if SEGMENTED:  # so was G (`_fused_dstate_bwd_kernel`): add what the later segments send back
-        seg_sums = seg_decay_ptr + bh.to(tl.int64) * (nblocks + nseg) + nblocks  # Σ Δ·A over each segment
+        seg_sums = decay_row + nblocks  # Σ Δ·A over each segment
         seg_rows = seg_gfirst_ptr + bh.to(tl.int64) * nseg * headdim * dstate + pn_off
         G_in = tl.zeros((BLOCK_P, BLOCK_N), dtype=tl.float32)  # ∂L/∂ the state leaving this segment
         for i in range(nseg - 1 - seg):
@@ -991,8 +990,7 @@ def _fused_block_bwd_kernel(
             G_in = G_in * tl.exp(tl.load(seg_sums + j)) + tl.load(seg_rows + j * headdim * dstate, mask=mask_pn,
                                                                   other=0.0)
         # exp(Σ Δ·A from this block's end to its segment's end) = exp(segment − before this block − this block)
-        to_end = tl.exp(tl.load(seg_sums + seg) - tl.load(seg_decay_ptr + bh.to(tl.int64) * (nblocks + nseg) + k)
-                        - cs_end)
+        to_end = tl.exp(tl.load(seg_sums + seg) - tl.load(decay_row + k) - cs_end)
         G = (G.to(tl.float32) + to_end * G_in).to(G.dtype)
         if HAS_INIT:
             if k == 0:
@@ -1356,8 +1354,8 @@ def _use_fused(shape: tuple[int, ...], device: torch.device, for_backward: bool)
     sms = _num_sms(device)
     if not for_backward:
         return batch * nheads >= sms
-    programs = batch * nheads * cdiv(headdim, _fused_block_p(batch * nheads, headdim, device))
-    return programs * _fused_segments(programs, cdiv(seqlen, _FUSED_T), device) >= sms * 3 // 4
+    _, programs, segments = _fused_split(batch * nheads, headdim, cdiv(seqlen, _FUSED_T), device)
+    return programs * segments >= sms * 3 // 4
 
 
 @functools.cache  # asked twice a forward+backward
@@ -1383,6 +1381,14 @@ def _fused_segments(programs: int, nblocks: int, device: torch.device) -> int:
     return max(1, min(2 * _num_sms(device) // programs, nblocks // _MIN_SEGMENT))
 
 
+def _fused_split(bh: int, headdim: int, nblocks: int, device: torch.device) -> tuple[int, int, int]:
+    """How the sequential fused kernels split their work: the P slice width, the programs over b·h and P
+    slices, and the segments each sequence is asked to split into."""
+    block_p = _fused_block_p(bh, headdim, device)
+    programs = bh * cdiv(headdim, block_p)
+    return block_p, programs, _fused_segments(programs, nblocks, device)
+
+
 def _fused_strides(x, zz, dt, B, C) -> tuple[int, ...]:
     """The stride arguments of `_fused_fwd_kernel` and `_fused_block_bwd_kernel`, in their order (x, z, B
     and C have unit stride on the last axis, which `ssd_scan_triton` ensures)."""
@@ -1404,8 +1410,8 @@ def _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, store
     final = torch.empty(batch, nheads, headdim, dstate, device=x.device, dtype=torch.float32) if store_final else None
     init = initial_states.contiguous() if initial_states is not None else None
     zz = z if z is not None else x
-    block_p = _fused_block_p(bh, headdim, x.device)
-    seg_blocks = cdiv(nblocks, _fused_segments(bh * cdiv(headdim, block_p), nblocks, x.device))
+    block_p, _, segments = _fused_split(bh, headdim, nblocks, x.device)
+    seg_blocks = cdiv(nblocks, segments)
     nseg = cdiv(nblocks, seg_blocks)
     seg_decay = seg_final = seg_in = None
     if nseg > 1:
