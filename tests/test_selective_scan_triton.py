@@ -22,7 +22,6 @@ from kernels.selective_scan.reference import (  # noqa: E402
     selective_scan_ref,
     selective_state_update_ref,
 )
-from kernels.selective_scan import triton as triton_impl  # noqa: E402
 from kernels.selective_scan.triton import (  # noqa: E402
     SelectiveScanFn,
     selective_scan_triton,
@@ -123,14 +122,6 @@ CPU_CASES = [
 
 @pytest.mark.parametrize("case", CPU_CASES, ids=str)
 def test_scan_fp32(case):
-    check_against(selective_scan_naive, case, torch.float32, seed=0, tol=TOL[torch.float32])
-
-
-@pytest.mark.parametrize("case", [CPU_CASES[1], CPU_CASES[-2]], ids=str)
-def test_scan_backward_flip_scan_variant(case, monkeypatch):
-    """The backward's reverse scan by tl.associative_scan(reverse=True), which bench.py --sweep
-    times against the default (each thread's steps composed first): same results."""
-    monkeypatch.setitem(triton_impl._BWD_TILE, "reverse_by_thread", False)
     check_against(selective_scan_naive, case, torch.float32, seed=0, tol=TOL[torch.float32])
 
 

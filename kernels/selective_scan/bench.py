@@ -26,13 +26,12 @@ from kernels.selective_scan.reference import selective_scan_ref
 SHAPES = [(64, 256, 1024, 16), (8, 2048, 2048, 16)]  # (b, d, l, n)
 
 # Alternatives for --sweep, per kernel; the first is the default (ss._forward_chunk and
-# ss._chunk_size, ss._tile). (BLOCK_D, BLOCK_L, num_warps, maxnreg[, reverse_by_thread]); maxnreg
-# None: the compiler's choice. The backward's BLOCK_D channels sit in each thread when
+# ss._chunk_size, ss._tile). (BLOCK_D, BLOCK_L, num_warps, maxnreg); maxnreg None: the compiler's
+# choice. The backward's BLOCK_D channels sit in each thread when
 # BLOCK_L = 32·warps·(steps a thread), as in (2, 128, 1). The forward stores the state after every
 # backward chunk, as for training. See NOTES.md.
-FWD_TILES = [(1, 512, 1, None), (2, 128, 1, None), (1, 128, 1, None), (1, 256, 1, None)]
-BWD_TILES = [(1, 128, 1, None, True), (1, 128, 1, 80, True), (1, 128, 1, 64, True), (1, 64, 1, None, True),
-             (1, 64, 1, 64, True), (2, 64, 1, None, True), (2, 128, 1, 128, True)]
+FWD_TILES = [(1, 512, 1, None), (1, 512, 1, 128), (2, 128, 1, None), (1, 256, 1, None)]
+BWD_TILES = [(1, 128, 1, None), (1, 128, 1, 96), (1, 128, 1, 80), (1, 128, 1, 64), (2, 128, 1, 128)]
 
 
 def emit(kind, row):
@@ -104,12 +103,10 @@ def sweep_shape(b, d, l, n):
     dy = torch.randn(b, d, l, device="cuda", dtype=torch.bfloat16)
     rows = []
     for kind, tiles in (("fwd", FWD_TILES), ("bwd", BWD_TILES)):
-        for bd, bl, nw, maxnreg, *rev in tiles:
+        for bd, bl, nw, maxnreg in tiles:
             if d % bd:
                 continue
             tile = dict(block_d=bd, num_warps=nw, maxnreg=maxnreg)
-            if rev:
-                tile["reverse_by_thread"] = rev[0]
             if kind == "fwd":
                 fn = lambda: ss._selective_scan_fwd(*args, True, True, bl, min(bl, ss._chunk_size(l)),  # noqa: E731
                                                     tile=tile)

@@ -42,7 +42,7 @@ def main():
     b, d, l, n = bench.SHAPES[0]
     flags = dict(HAS_D=True, HAS_Z=True, HAS_BIAS=True, SOFTPLUS=True)
     for kind, tiles in (("fwd", bench.FWD_TILES), ("bwd", bench.BWD_TILES)):
-        for bd, bl, nw, maxnreg, *rev in tiles:
+        for bd, bl, nw, maxnreg in tiles:
             nchunks = cdiv(l, bl)
             state_l = min(bl, ss._chunk_size(l))  # the forward stores a state every backward chunk
             ints = dict(dim=d, seqlen=l, dstate=n, nchunks=nchunks, nstates=cdiv(l, state_l), channels_per_group=d,
@@ -56,12 +56,11 @@ def main():
             else:
                 kernel = ss._selective_scan_bwd_kernel
                 consts = dict(flags, MULTI_CHUNK=nchunks > 1, BLOCK_D=bd, BLOCK_L=bl,
-                              VEC=ss._vec(bl, nw), REVERSE_BY_THREAD=rev[0])
+                              VEC=ss._vec(bl, nw))
             ops, res = inner_loop_ops(compile_sm90(kernel, consts, ints, BF16_PTRS, nw, maxnreg))
             updates = bd * bl // (32 * nw)  # state updates a thread makes per n
             total = sum(ops.values())
-            rev_txt = f" reverse_by_thread={rev[0]}" if rev else ""
-            print(f"{kind} ({bd}, {bl}, {nw}) maxnreg={maxnreg}{rev_txt}: {res.get('REG')} registers, "
+            print(f"{kind} ({bd}, {bl}, {nw}) maxnreg={maxnreg}: {res.get('REG')} registers, "
                   f"stack {res.get('STACK')}; loop over n: {total} instructions for {updates} updates "
                   f"({total / updates:.1f} each), SHFL {ops['SHFL']}, MUFU {ops['MUFU']}, "
                   f"REDG {ops['REDG']}, BAR {ops['BAR']}, STS {ops['STS']}, LDL {ops['LDL']}", flush=True)

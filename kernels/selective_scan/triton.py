@@ -30,8 +30,9 @@ across chunks. Because a_t h_{t-1} = h_t − x_t, the gradients that need the pr
     dB_t = Σ_{d in group} g Δ u,     dC_t = Σ_{d in group} dout h.
 dB and dC are summed over a program's BLOCK_D channels in registers and over the programs of a
 group with fp32 atomics; dA (added per n), dD and delta_bias get per-batch partials that the
-launcher sums. The reverse scan composes each thread's steps before it scans across lanes
-(_reverse_scan_by_thread).
+launcher sums. The carried state and adjoint enter the scans as part of the chunk's first and last
+step (_scan_from, _adjoint_scan), and the reverse scan composes each thread's 4 steps before it
+scans across lanes.
 """
 
 import math
@@ -63,40 +64,69 @@ def _softplus(v):
 
 
 @triton.jit
-def _load_delta(delta_row, bias, offs_l, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Δ for one (BLOCK_D, BLOCK_L) tile, 0 outside the sequence so that the tail leaves h
-    unchanged; also delta + delta_bias, where the backward takes softplus' derivative."""
-    pre = tl.load(delta_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
+def _load_delta(ptrs, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Δ at `ptrs` (a tile, or one step a channel; bias broadcast to match), 0 where masked off so
+    that steps past the sequence leave h unchanged; also delta + delta_bias, where the backward
+    takes softplus' derivative."""
+    pre = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        pre += bias[:, None]
+        pre += bias
     dt = _softplus(pre) if SOFTPLUS else pre
     return tl.where(mask, dt, 0.0), pre
 
 
 @triton.jit
-def _reverse_scan_by_thread(a, x, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    """tl.associative_scan((a, x), axis=1, combine_fn=_combine, reverse=True) on (BLOCK_D,
-    BLOCK_L) tiles, by groups of 4 steps: made for tiles whose threads hold 4 consecutive steps
-    (VEC = 4), correct for any. Each thread composes its own 4 steps in registers and only these
-    composites are scanned across lanes, where tl.associative_scan(reverse=True) flips every
-    element across lanes (a shuffle per element and operand) before the scan and after it."""
+def _by_thread(v, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """A (BLOCK_D, BLOCK_L) tile as four (BLOCK_D, BLOCK_L // 4) tiles, step 4j + k of the chunk in
+    the k-th at column j. In the backward's tiles a thread holds 4 consecutive steps (VEC = 4), so
+    column j is lane j and the split moves no data; other tiles get the same values, slower."""
+    return _split4(tl.reshape(v, (BLOCK_D, BLOCK_L // 4, 2, 2)))
+
+
+@triton.jit
+def _scan_from(h0, a, x, lane, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """h_t = a_t h_{t-1} + x_t over a (BLOCK_D, BLOCK_L) chunk from h0 (BLOCK_D,) before it. h0 is
+    folded into the first step's x, so the scan's products of a are never needed as an output and
+    the compiler drops their last shuffle and fix-ups."""
+    a0, a1, a2, a3 = _by_thread(a, BLOCK_D, BLOCK_L)
+    x0, x1, x2, x3 = _by_thread(x, BLOCK_D, BLOCK_L)
+    x0 += a0 * tl.where(lane == 0, h0[:, None], 0.0)
+    _, h = tl.associative_scan((a, tl.reshape(_join4(x0, x1, x2, x3), (BLOCK_D, BLOCK_L))), axis=1,
+                               combine_fn=_combine)
+    return h
+
+
+@triton.jit
+def _adjoint_scan(a, a_end, c, g_end, lane, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """g_t = c_t + a_{t+1} g_{t+1} over a (BLOCK_D, BLOCK_L) chunk of a_t and c_t, where a_end and
+    g_end (BLOCK_D,) are a and g at the step after the chunk. Returns g (BLOCK_D, BLOCK_L) and its
+    first step (BLOCK_D, BLOCK_L // 4; column 0 holds it).
+
+    a_{t+1} is a_t one step on: three of a thread's four are its own, the fourth is the next
+    lane's first (one shuffle, not four more exps). Each thread composes its steps into one map
+    g_{4j} = X_j + M_j g_{4j+4}; a suffix scan across lanes (Kogge-Stone, no lane flips) gives
+    G_j = g_{4j}, with g_end folded into the last lane's X so that M's products never leave the
+    scan; the thread's other steps follow from the next lane's G."""
     LANES: tl.constexpr = BLOCK_L // 4
-    a0, a1, a2, a3 = _split4(tl.reshape(a, (BLOCK_D, LANES, 2, 2)))
-    x0, x1, x2, x3 = _split4(tl.reshape(x, (BLOCK_D, LANES, 2, 2)))
-    # Suffix composites within the thread: step k maps the carry after step 3 to g_k.
-    la2, lx2 = _combine(a3, x3, a2, x2)
-    la1, lx1 = _combine(la2, lx2, a1, x1)
-    la0, lx0 = _combine(la1, lx1, a0, x0)
-    # The carry into each thread: composite of all later threads (inclusive scan, then one lane).
-    sa, sx = tl.associative_scan((la0, lx0), axis=1, combine_fn=_combine, reverse=True)
-    lane = tl.broadcast_to(tl.arange(0, LANES)[None, :], (BLOCK_D, LANES))
-    nxt = tl.minimum(lane + 1, LANES - 1)
+    a0, a1, a2, a3 = _by_thread(a, BLOCK_D, BLOCK_L)
+    c0, c1, c2, c3 = _by_thread(c, BLOCK_D, BLOCK_L)
     last = lane == LANES - 1
-    ca = tl.where(last, 1.0, tl.gather(sa, nxt, axis=1))
-    cx = tl.where(last, 0.0, tl.gather(sx, nxt, axis=1))
-    a_r = _join4(la0 * ca, la1 * ca, la2 * ca, a3 * ca)
-    x_r = _join4(lx0 + la0 * cx, lx1 + la1 * cx, lx2 + la2 * cx, x3 + a3 * cx)
-    return tl.reshape(a_r, (BLOCK_D, BLOCK_L)), tl.reshape(x_r, (BLOCK_D, BLOCK_L))
+    nxt = tl.minimum(lane + 1, LANES - 1)
+    a4 = tl.where(last, a_end[:, None], tl.gather(a0, nxt, axis=1))
+    M = a1 * a2 * a3 * a4
+    X = c0 + a1 * (c1 + a2 * (c2 + a3 * c3)) + M * tl.where(last, g_end[:, None], 0.0)
+    for k in tl.static_range(16):
+        if (1 << k) < LANES:  # log2(LANES) levels
+            src = tl.minimum(lane + (1 << k), LANES - 1)
+            inside = lane + (1 << k) < LANES
+            X = tl.where(inside, X + M * tl.gather(X, src, axis=1), X)
+            if (2 << k) < LANES:  # the last level's product is not needed
+                M = tl.where(inside, M * tl.gather(M, src, axis=1), M)
+    g4 = tl.where(last, g_end[:, None], tl.gather(X, nxt, axis=1))
+    g3 = c3 + a4 * g4
+    g2 = c2 + a3 * g3
+    g1 = c1 + a2 * g2
+    return tl.reshape(_join4(X, g1, g2, g3), (BLOCK_D, BLOCK_L)), X
 
 
 @triton.jit
@@ -174,7 +204,7 @@ def _selective_scan_fwd_kernel(
         # Spans wholly past the sequence hold no state (there are nstates).
         store_mask = is_last & (c * SUBS + sub < nstates)[None, :]
         u = tl.load(u_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
-        dt, _ = _load_delta(delta_row, bias, offs_l, mask, HAS_BIAS, SOFTPLUS)
+        dt, _ = _load_delta(delta_row + offs_l[None, :], bias[:, None], mask, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
         # B_n and C_n are read as full (BLOCK_D, BLOCK_L) tiles, each row the same: loaded in the
         # same layout as u, they need no layout conversion inside the loop over n.
@@ -215,6 +245,24 @@ def _selective_scan_fwd_kernel(
         tl.store(y_row + offs_l[None, :], y, mask=mask)
 
 
+@triton.jit
+def _bwd_operands(n, A_col, s_A_n, B_tile, s_B_n, C_tile, s_C_n, mask, h0_ptr, has_prev, g_end_ptr, has_next,
+                  MULTI_CHUNK: tl.constexpr):
+    """What the backward's iteration over state index n reads: A_n (BLOCK_D,), B_n and C_n as
+    (BLOCK_D, BLOCK_L) tiles, and the state entering the chunk and the adjoint after it (BLOCK_D,),
+    zero at the sequence's ends."""
+    A = tl.load(A_col + n * s_A_n)
+    B = tl.load(B_tile + n * s_B_n, mask=mask, other=0.0)
+    C = tl.load(C_tile + n * s_C_n, mask=mask, other=0.0)
+    if MULTI_CHUNK:
+        h0 = tl.load(h0_ptr + n, mask=has_prev, other=0.0)
+        g_end = tl.load(g_end_ptr + n, mask=has_next, other=0.0)
+    else:
+        h0 = tl.zeros(A.shape, dtype=tl.float32)
+        g_end = tl.zeros(A.shape, dtype=tl.float32)
+    return A, B, C, h0, g_end
+
+
 @fast_launch
 @triton.jit
 def _selective_scan_bwd_kernel(
@@ -225,7 +273,6 @@ def _selective_scan_bwd_kernel(
     s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d, s_dy_b, s_dy_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     MULTI_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, VEC: tl.constexpr,
-    REVERSE_BY_THREAD: tl.constexpr,
 ):
     # Batch is the fast grid axis: programs that run at the same time then add into different
     # rows of dB and dC, rather than queueing on the same addresses.
@@ -235,31 +282,35 @@ def _selective_scan_bwd_kernel(
     # VEC consecutive steps a thread: when BLOCK_L = 32·VEC·warps the lanes span the chunk and
     # the BLOCK_D channels sit in each thread's registers, so dB_n, dC_n reduce over channels
     # without shuffles; with VEC = 4, the width of an fp32 vector atomic, no tile changes layout
-    # for the atomics either (NOTES.md).
+    # for the atomics, and the scans' split of each thread's steps moves no data (NOTES.md).
     offs_c = tl.max_contiguous(tl.arange(0, BLOCK_L), VEC)
     row0 = offs_d[:, None] * 0
+    # (BLOCK_D, BLOCK_L // 4): column j of the scans' split tiles (_by_thread), in their layout
+    lane = _by_thread(row0 + offs_c[None, :], BLOCK_D, BLOCK_L)[0] // 4
     group = (pid_d * BLOCK_D) // channels_per_group
 
     u_row = u_ptr + pid_b * s_u_b + offs_d[:, None] * s_u_d
-    delta_row = delta_ptr + pid_b * s_dt_b + offs_d[:, None] * s_dt_d
+    delta_col = delta_ptr + pid_b * s_dt_b + offs_d * s_dt_d  # (BLOCK_D,)
+    delta_row = delta_col[:, None]
     z_row = z_ptr + pid_b * s_z_b + offs_d[:, None] * s_z_d
     dy_row = dy_ptr + pid_b * s_dy_b + offs_d[:, None] * s_dy_d
-    # du, ddelta, dz are fresh contiguous (b, d, l) tensors; dB, dC contiguous fp32 (b, g, n, l).
+    # du, ddelta, dz are fresh contiguous (b, d, l) tensors. dB, dC are fp32 (b, g, n, L) with L
+    # = nchunks·BLOCK_L: the chunk past the sequence adds zeros there (Δ = 0 and dy = 0), so the
+    # atomics need no mask.
     out_row = (pid_b * dim + offs_d[:, None]) * seqlen
     B_base = B_ptr + pid_b * s_B_b + group * s_B_g
     C_base = C_ptr + pid_b * s_C_b + group * s_C_g
-    dBC_base = (pid_b * ngroups + group) * dstate * seqlen
+    dB_row = dB_ptr + (pid_b * ngroups + group) * dstate * (nchunks * BLOCK_L)
+    dC_row = dC_ptr + (pid_b * ngroups + group) * dstate * (nchunks * BLOCK_L)
     A_col = A_ptr + offs_d * s_A_d
     states_row = states_ptr + ((pid_b * dim + offs_d) * nchunks) * dstate  # (BLOCK_D,)
-    dA_row = dA_ptr + (pid_b * dim + offs_d) * dstate  # (BLOCK_D,): per-batch partials of dA
-    # gcarry: (b, d, 2, n, 4) fp32, the adjoint at the start of the chunk after this one in
-    # element 0 of each 4 (16-byte slots: the masked store below then keeps g's layout when
-    # VEC = 4, instead of a round trip through shared memory). Chunk c reads slot (c+1) % 2 and
-    # writes slot c % 2, so no thread overwrites a value that another may still read; the
-    # barrier at the end of each chunk orders the rest.
-    gcarry_row = gcarry_ptr + (pid_b * dim + offs_d) * 2 * dstate * 4  # (BLOCK_D,)
-    gcarry_tile = gcarry_row[:, None] + offs_c[None, :]  # column 0 is the row's carry (as above)
-    is_first = (offs_c == 0)[None, :]
+    # per-batch partials of dA, (b, d, n): lane 0 of each channel adds
+    dA_tile = dA_ptr + (pid_b * dim + offs_d[:, None]) * dstate + lane * 0
+    # gcarry: (b, d, 2, n) fp32, the adjoint at the first step of the chunk after this one. Chunk
+    # c reads slot (c+1) % 2 and writes slot c % 2, so no thread overwrites a value that another
+    # may still read; the barrier at the end of each chunk orders the rest.
+    gcarry_row = gcarry_ptr + (pid_b * dim + offs_d) * 2 * dstate  # (BLOCK_D,)
+    gcarry_tile = gcarry_row[:, None] + lane * 0  # lane 0 stores its first step's adjoint
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d).to(tl.float32)
     else:
@@ -272,16 +323,16 @@ def _selective_scan_bwd_kernel(
     for i in range(nchunks):
         c = nchunks - 1 - i
         offs_l = c * BLOCK_L + offs_c
-        in_seq = offs_l < seqlen
-        mask = in_seq[None, :]
-        mask_next = (offs_l + 1 < seqlen)[None, :]
+        mask = (offs_l < seqlen)[None, :]
         has_prev = tl.full((BLOCK_D,), c, dtype=tl.int32) > 0  # chunk 0 starts from h = 0
         has_next = tl.full((BLOCK_D,), i, dtype=tl.int32) > 0  # the last chunk ends with g = 0
         # u and z are loaded again after the loop over n rather than kept alive through it:
         # registers bound how many warps an SM holds (NOTES.md).
         u = tl.load(u_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
-        dt, _ = _load_delta(delta_row, bias, offs_l, mask, HAS_BIAS, SOFTPLUS)
-        dt_next, _ = _load_delta(delta_row, bias, offs_l + 1, mask_next, HAS_BIAS, SOFTPLUS)
+        dt, _ = _load_delta(delta_row + offs_l[None, :], bias[:, None], mask, HAS_BIAS, SOFTPLUS)
+        # Δ at the step after the chunk: the adjoint's a_{t+1} for the chunk's last step
+        t_end = c * BLOCK_L + BLOCK_L
+        dt_end, _ = _load_delta(delta_col + t_end, bias, (offs_d * 0 + t_end) < seqlen, HAS_BIAS, SOFTPLUS)
         dout, _ = _load_dout(dy_row, z_row, offs_l, mask, HAS_Z)
         dtu = dt * u
         bc_offs = row0 + offs_l[None, :]  # B_n, C_n as full tiles, as in the forward
@@ -289,54 +340,42 @@ def _selective_scan_bwd_kernel(
         gB = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # Σ_n g B
         gAhx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # Σ_n A g (h − x)
         # Next state index's operands are loaded one iteration ahead, as in the forward.
-        A_nx = tl.load(A_col)
-        B_nx = tl.load(B_base + bc_offs, mask=mask, other=0.0)
-        C_nx = tl.load(C_base + bc_offs, mask=mask, other=0.0)
-        if MULTI_CHUNK:
-            h0_nx = tl.load(states_row + (c - 1) * dstate, mask=has_prev, other=0.0)
-            g_in_nx = tl.load(gcarry_row + ((c + 1) % 2) * dstate * 4, mask=has_next, other=0.0)
+        h0_ptr = states_row + (c - 1) * dstate
+        g_end_ptr = gcarry_row + ((c + 1) % 2) * dstate
+        A_nx, B_nx, C_nx, h0_nx, g_end_nx = _bwd_operands(
+            0, A_col, s_A_n, B_base + bc_offs, s_B_n, C_base + bc_offs, s_C_n, mask, h0_ptr, has_prev,
+            g_end_ptr, has_next, MULTI_CHUNK)
         for n in range(dstate):
             A = A_nx.to(tl.float32)
             A2 = A * LOG2E
             Bn = B_nx.to(tl.float32)
             Cn = C_nx.to(tl.float32)
-            nx = n + 1 - (n + 1) // dstate
-            A_nx = tl.load(A_col + nx * s_A_n)
-            B_nx = tl.load(B_base + nx * s_B_n + bc_offs, mask=mask, other=0.0)
-            C_nx = tl.load(C_base + nx * s_C_n + bc_offs, mask=mask, other=0.0)
+            h0 = h0_nx
+            g_end = g_end_nx
+            # the last iteration re-reads index dstate − 1
+            A_nx, B_nx, C_nx, h0_nx, g_end_nx = _bwd_operands(
+                tl.minimum(n + 1, dstate - 1), A_col, s_A_n, B_base + bc_offs, s_B_n, C_base + bc_offs, s_C_n,
+                mask, h0_ptr, has_prev, g_end_ptr, has_next, MULTI_CHUNK)
             a = tl.exp2(dt * A2[:, None])
             x = dtu * Bn
-            a_s, h = tl.associative_scan((a, x), axis=1, combine_fn=_combine)
-            # a_{t+1}: the reverse recurrence g_t = C_t dout_t + a_{t+1} g_{t+1}
-            a_next = tl.exp2(dt_next * A2[:, None])
-            if REVERSE_BY_THREAD:
-                a_r, g = _reverse_scan_by_thread(a_next, dout * Cn, BLOCK_D, BLOCK_L)
-            else:
-                a_r, g = tl.associative_scan((a_next, dout * Cn), axis=1, combine_fn=_combine,
-                                             reverse=True)
+            h = _scan_from(h0, a, x, lane, BLOCK_D, BLOCK_L)
+            g, g_first = _adjoint_scan(a, tl.exp2(dt_end * A2), dout * Cn, g_end, lane, BLOCK_D, BLOCK_L)
             if MULTI_CHUNK:
-                h0 = h0_nx
-                g_in = g_in_nx
-                h0_nx = tl.load(states_row + (c - 1) * dstate + nx, mask=has_prev, other=0.0)
-                g_in_nx = tl.load(gcarry_row + (((c + 1) % 2) * dstate + nx) * 4, mask=has_next,
-                                  other=0.0)
-                h += a_s * h0[:, None]
-                g += a_r * g_in[:, None]
-                tl.store(gcarry_tile + ((c % 2) * dstate + n) * 4, g, mask=is_first)
+                tl.store(gcarry_tile + (c % 2) * dstate + n, g_first, mask=lane == 0)
             if HAS_Z:
                 s += h * Cn
             gB += g * Bn
             ghx = g * (h - x)  # g_t a_t h_{t-1}
             gAhx += A[:, None] * ghx
             # Added where it lives rather than selected into a (BLOCK_D, N) tile: one address
-            # per program, so the atomic never waits on another program.
-            tl.atomic_add(dA_row + n, tl.sum(dt * ghx, axis=1), sem="relaxed")
-            dB_n = tl.sum(g * dtu, axis=0, keep_dims=True)  # (1, BLOCK_L)
-            dC_n = tl.sum(dout * h, axis=0, keep_dims=True)
-            tl.atomic_add(dB_ptr + dBC_base + n * seqlen + offs_l[None, :], dB_n, mask=mask,
-                          sem="relaxed")
-            tl.atomic_add(dC_ptr + dBC_base + n * seqlen + offs_l[None, :], dC_n, mask=mask,
-                          sem="relaxed")
+            # per program, so the atomic never waits on another program. Each thread's steps
+            # first (registers), in the scans' split layout, which the lanes' sum keeps.
+            p0, p1, p2, p3 = _by_thread(dt * ghx, BLOCK_D, BLOCK_L)
+            dA_n = tl.sum((p0 + p1) + (p2 + p3), axis=1, keep_dims=True)
+            tl.atomic_add(dA_tile + n, dA_n + lane * 0, mask=lane == 0, sem="relaxed")
+            dBC_at = (n * nchunks + c) * BLOCK_L + offs_c[None, :]
+            tl.atomic_add(dB_row + dBC_at, tl.sum(g * dtu, axis=0, keep_dims=True), sem="relaxed")
+            tl.atomic_add(dC_row + dBC_at, tl.sum(dout * h, axis=0, keep_dims=True), sem="relaxed")
         if MULTI_CHUNK:
             tl.debug_barrier()
         u = tl.load(u_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -347,7 +386,7 @@ def _selective_scan_bwd_kernel(
         ddt = u * gB + gAhx
         if SOFTPLUS:
             # delta + delta_bias is reloaded rather than kept alive through the loop over n.
-            _, dt_pre = _load_delta(delta_row, bias, offs_l, mask, HAS_BIAS, False)
+            _, dt_pre = _load_delta(delta_row + offs_l[None, :], bias[:, None], mask, HAS_BIAS, False)
             ddt = tl.where(dt_pre <= 20.0, ddt * tl.sigmoid(dt_pre), ddt)
         if HAS_BIAS:
             dbias_acc += tl.sum(ddt, axis=1)
@@ -430,12 +469,11 @@ def _forward_chunk(seqlen: int, block_l: int) -> int:
 
 # Tiles: each thread holds `per_thread` elements of every (BLOCK_D, BLOCK_L) fp32 tile; BLOCK_D
 # follows from BLOCK_L. `maxnreg` caps the registers a thread (None: the compiler's choice).
-# `reverse_by_thread`: the backward's reverse scan composes each thread's steps in registers before
-# scanning across lanes (_reverse_scan_by_thread). Chosen by `bench.py --sweep` on an H200 (NOTES.md):
-# the backward with one channel a program (4 steps a thread) beat two channels a thread, which
-# halve the dB/dC atomics but hold more registers: 0.93 against 1.04-1.16 ms at (64, 256, 1024, 16).
+# Chosen by `bench.py --sweep` on an H200 (NOTES.md): the backward with one channel a program (4
+# steps a thread) beat two channels a thread, which halve the dB/dC atomics but hold more registers
+# (0.79 against 0.85 ms at (64, 256, 1024, 16), v7), and one channel a warp in 2-8 warp programs.
 _FWD_TILE = {"per_thread": 8, "num_warps": 1, "maxnreg": None}
-_BWD_TILE = {"per_thread": 4, "num_warps": 1, "maxnreg": None, "reverse_by_thread": True}
+_BWD_TILE = {"per_thread": 4, "num_warps": 1, "maxnreg": None}
 
 
 def _tile(cfg: dict, block_l: int, channels_per_group: int) -> dict:
@@ -504,12 +542,13 @@ def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     du = torch.empty(batch, dim, seqlen, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(batch, dim, seqlen, device=u.device, dtype=delta.dtype)
     dz = torch.empty(batch, dim, seqlen, device=u.device, dtype=z.dtype) if z is not None else None
-    dB = torch.zeros(batch, ngroups, dstate, seqlen, **f32)
-    dC = torch.zeros(batch, ngroups, dstate, seqlen, **f32)
+    # dB, dC run to the end of the last chunk (the kernel adds zeros past the sequence)
+    dB = torch.zeros(batch, ngroups, dstate, nchunks * block_l, **f32)
+    dC = torch.zeros(batch, ngroups, dstate, nchunks * block_l, **f32)
     dA = torch.zeros(batch, dim, dstate, **f32)
     dD = torch.empty(batch, dim, **f32) if D is not None else None
     dbias = torch.empty(batch, dim, **f32) if delta_bias is not None else None
-    gcarry = torch.empty(batch, dim, 2, dstate, 4, **f32) if nchunks > 1 else dA
+    gcarry = torch.empty(batch, dim, 2, dstate, **f32) if nchunks > 1 else dA
     zz = z if z is not None else u
     grid = (batch, dim // tile["block_d"])
     _selective_scan_bwd_kernel[grid](
@@ -525,11 +564,10 @@ def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         SOFTPLUS=delta_softplus, MULTI_CHUNK=nchunks > 1,
         BLOCK_D=tile["block_d"], BLOCK_L=block_l,
         VEC=_vec(block_l, tile["num_warps"]),
-        REVERSE_BY_THREAD=tile["reverse_by_thread"],
         num_warps=tile["num_warps"], maxnreg=tile["maxnreg"],
     )
-    dB = dB.to(B.dtype).view(B.shape)
-    dC = dC.to(C.dtype).view(C.shape)
+    dB = dB[..., :seqlen].to(B.dtype).reshape(B.shape)
+    dC = dC[..., :seqlen].to(C.dtype).reshape(C.shape)
     dA = dA.sum(0).to(A.dtype)
     dD = dD.sum(0).to(D.dtype) if D is not None else None
     dbias = dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
