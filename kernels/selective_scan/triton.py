@@ -336,6 +336,7 @@ def _selective_scan_bwd_kernel(
         dout, _ = _load_dout(dy_row, z_row, offs_l, mask, HAS_Z)
         dtu = dt * u
         bc_offs = row0 + offs_l[None, :]  # B_n, C_n as full tiles, as in the forward
+        B_tile, C_tile = B_base + bc_offs, C_base + bc_offs
         s = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # C·h, only needed for dz
         gB = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # Σ_n g B
         gAhx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # Σ_n A g (h − x)
@@ -343,8 +344,7 @@ def _selective_scan_bwd_kernel(
         h0_ptr = states_row + (c - 1) * dstate
         g_end_ptr = gcarry_row + ((c + 1) % 2) * dstate
         A_nx, B_nx, C_nx, h0_nx, g_end_nx = _bwd_operands(
-            0, A_col, s_A_n, B_base + bc_offs, s_B_n, C_base + bc_offs, s_C_n, mask, h0_ptr, has_prev,
-            g_end_ptr, has_next, MULTI_CHUNK)
+            0, A_col, s_A_n, B_tile, s_B_n, C_tile, s_C_n, mask, h0_ptr, has_prev, g_end_ptr, has_next, MULTI_CHUNK)
         for n in range(dstate):
             A = A_nx.to(tl.float32)
             A2 = A * LOG2E
@@ -354,8 +354,8 @@ def _selective_scan_bwd_kernel(
             g_end = g_end_nx
             # the last iteration re-reads index dstate − 1
             A_nx, B_nx, C_nx, h0_nx, g_end_nx = _bwd_operands(
-                tl.minimum(n + 1, dstate - 1), A_col, s_A_n, B_base + bc_offs, s_B_n, C_base + bc_offs, s_C_n,
-                mask, h0_ptr, has_prev, g_end_ptr, has_next, MULTI_CHUNK)
+                tl.minimum(n + 1, dstate - 1), A_col, s_A_n, B_tile, s_B_n, C_tile, s_C_n, mask, h0_ptr, has_prev,
+                g_end_ptr, has_next, MULTI_CHUNK)
             a = tl.exp2(dt * A2[:, None])
             x = dtu * Bn
             h = _scan_from(h0, a, x, lane, BLOCK_D, BLOCK_L)

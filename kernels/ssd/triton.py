@@ -1449,6 +1449,8 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
     nblocks = states.shape[1]
+    # the forward's seg_blocks, cdiv(nblocks, segments), back from the segment count: cdiv(n, cdiv(n, cdiv(n, s)))
+    # == cdiv(n, s) for all n, s (saved holds tensors only)
     seg_blocks = cdiv(nblocks, seg_in.shape[1]) if seg_in is not None else nblocks
     hpg = nheads // ngroups
     dout = dout.contiguous()
