@@ -20,7 +20,7 @@ pairs (a, x) = (exp(Δ A_n), Δ B_n u), and C_n h is accumulated into y, so the 
 written to memory. Only the state (b, d, n) after every STATE_L steps is stored, and only when the
 sequence spans several spans or the caller wants the last state. The backward walks chunks of 128
 steps and restarts each from the state stored before it, so with a backward to follow STATE_L is its
-chunk and the forward's chunk holds 4 of them; without one, STATE_L is the forward's chunk.
+chunk and the forward's chunk holds 2 of them; without one, STATE_L is the forward's chunk.
 
 Backward, per chunk from last to first and per n: recompute h by the same forward scan, then the
 adjoint g_t = dL/dh_t = C_t dout_t + exp(Δ_{t+1} A) g_{t+1} by a reverse scan, with g carried
@@ -144,6 +144,18 @@ def _join4(v0, v1, v2, v3):
 
 
 @triton.jit
+def _group_ends(v, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """(BLOCK_D, BLOCK_L // 8): the last of every 8 consecutive columns of a (BLOCK_D, BLOCK_L)
+    tile. In the forward's tiles a thread holds 8 consecutive steps (one 16-byte load of bf16),
+    so this moves no data; a store of the tile itself would take a layout of one element a
+    thread and convert h through shared memory on every n."""
+    _, v = tl.split(tl.reshape(v, (BLOCK_D, BLOCK_L // 8, 2, 2, 2)))
+    _, v = tl.split(v)
+    _, v = tl.split(v)
+    return v
+
+
+@triton.jit
 def _load_dout(dy_row, z_row, offs_l, mask, HAS_Z: tl.constexpr):
     """dout = ∂L/∂(C·h + D u) = dy·silu(z), and dy·silu'(z) (dz = dy·silu'(z)·(C·h + D u)), for
     one (BLOCK_D, BLOCK_L) tile. The backward calls it before the loop over n for dout and after
@@ -183,13 +195,14 @@ def _selective_scan_fwd_kernel(
     A_col = A_ptr + offs_d * s_A_d
     # states: (b, d, nstates, n) fp32, the state after every STATE_L steps (the backward's chunks)
     states_row = states_ptr + ((pid_b * dim + offs_d) * nstates) * dstate  # (BLOCK_D,)
-    # A tile of pointers, column j to the state after j's span of STATE_L steps: with the mask
-    # `is_last` (each span's last column) this stores those columns without a reduction over the
-    # chunk. Elementwise in offs_c, the tile has the layout of the loads, so h needs no layout
-    # conversion; the masked-off columns are never dereferenced.
-    sub = offs_c // STATE_L
-    states_tile = states_row[:, None] + sub[None, :] * dstate
-    is_last = (offs_c % STATE_L == STATE_L - 1)[None, :]
+    # The states are stored from h's groups of 8 steps (_group_ends): a group ending a span of
+    # STATE_L steps stores its last step, the others are masked off.
+    GROUPS: tl.constexpr = STATE_L // 8  # groups a span
+    grp = tl.arange(0, BLOCK_L // 8)
+    span = grp // GROUPS
+    states_tile = states_row[:, None] + span[None, :] * dstate
+    ends_span = (grp % GROUPS == GROUPS - 1)[None, :]
+    is_first = (offs_c == 0)[None, :]
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d).to(tl.float32)
     else:
@@ -202,13 +215,13 @@ def _selective_scan_fwd_kernel(
         mask = (offs_l < seqlen)[None, :]
         has_prev = tl.full((BLOCK_D,), c, dtype=tl.int32) > 0  # chunk 0 starts from h = 0
         # Spans wholly past the sequence hold no state (there are nstates).
-        store_mask = is_last & (c * SUBS + sub < nstates)[None, :]
+        store_mask = ends_span & (c * SUBS + span < nstates)[None, :]
         u = tl.load(u_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
         dt, _ = _load_delta(delta_row + offs_l[None, :], bias[:, None], mask, HAS_BIAS, SOFTPLUS)
         dtu = dt * u
-        # B_n and C_n are read as full (BLOCK_D, BLOCK_L) tiles, each row the same: loaded in the
-        # same layout as u, they need no layout conversion inside the loop over n.
-        bc_offs = row0 + offs_l[None, :]
+        # B_n and C_n are read as (1, BLOCK_L) rows in the layout of u's tiles, which broadcast
+        # to the BLOCK_D channels a thread holds without a layout conversion.
+        bc_offs = offs_l[None, :]
         y = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
         # Operands of state index n are loaded during iteration n − 1 (software pipelining): the
         # scan's barriers would otherwise expose a global-memory latency on every iteration.
@@ -221,19 +234,22 @@ def _selective_scan_fwd_kernel(
             A2 = A_nx.to(tl.float32) * LOG2E
             Bn = B_nx.to(tl.float32)
             Cn = C_nx.to(tl.float32)
-            nx = n + 1 - (n + 1) // dstate  # the last iteration re-reads index dstate − 1
+            nx = tl.minimum(n + 1, dstate - 1)  # the last iteration re-reads index dstate − 1
             A_nx = tl.load(A_col + nx * s_A_n)
             B_nx = tl.load(B_base + nx * s_B_n + bc_offs, mask=mask, other=0.0)
             C_nx = tl.load(C_base + nx * s_C_n + bc_offs, mask=mask, other=0.0)
             a = tl.exp2(dt * A2[:, None])
             x = dtu * Bn
-            a_s, h = tl.associative_scan((a, x), axis=1, combine_fn=_combine)
             if STORE_STATES:
+                # The entering state folded into the first step, x_0 += a_0 h0: the scan's
+                # products of a are then never an output.
                 h0 = h0_nx
                 h0_nx = tl.load(states_row + (c * SUBS - 1) * dstate + nx, mask=has_prev, other=0.0)
-                h += a_s * h0[:, None]
+                x = tl.where(is_first, x + a * h0[:, None], x)
+            _, h = tl.associative_scan((a, x), axis=1, combine_fn=_combine)
+            if STORE_STATES:
                 # Past the sequence a = 1, x = 0: the last span's last column is the final state.
-                tl.store(states_tile + c * SUBS * dstate + n, h, mask=store_mask)
+                tl.store(states_tile + c * SUBS * dstate + n, _group_ends(h, BLOCK_D, BLOCK_L), mask=store_mask)
             y += h * Cn
         if STORE_STATES:
             tl.debug_barrier()  # this chunk's states are read by other threads in the next one
@@ -267,7 +283,7 @@ def _bwd_operands(n, A_col, s_A_n, B_tile, s_B_n, C_tile, s_C_n, mask, h0_ptr, h
 @triton.jit
 def _selective_scan_bwd_kernel(
     u_ptr, delta_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, states_ptr, dy_ptr,
-    du_ptr, ddelta_ptr, dz_ptr, dA_ptr, dB_ptr, dC_ptr, dD_ptr, dbias_ptr, gcarry_ptr,
+    du_ptr, ddelta_ptr, dz_ptr, dB_ptr, dC_ptr, part_ptr, gcarry_ptr,
     dim, seqlen, dstate, nchunks, channels_per_group, ngroups,
     s_u_b, s_u_d, s_dt_b, s_dt_d, s_A_d, s_A_n,
     s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d, s_dy_b, s_dy_d,
@@ -304,8 +320,10 @@ def _selective_scan_bwd_kernel(
     dC_row = dC_ptr + (pid_b * ngroups + group) * dstate * (nchunks * BLOCK_L)
     A_col = A_ptr + offs_d * s_A_d
     states_row = states_ptr + ((pid_b * dim + offs_d) * nchunks) * dstate  # (BLOCK_D,)
-    # per-batch partials of dA, (b, d, n): lane 0 of each channel adds
-    dA_tile = dA_ptr + (pid_b * dim + offs_d[:, None]) * dstate + lane * 0
+    # part: (b, d, n + 2) fp32, the per-batch partials of dA (lane 0 of each channel adds), dD
+    # and dΔbias (stored at the end)
+    part_row = part_ptr + (pid_b * dim + offs_d) * (dstate + 2)  # (BLOCK_D,)
+    dA_tile = part_row[:, None] + lane * 0
     # gcarry: (b, d, 2, n) fp32, the adjoint at the first step of the chunk after this one. Chunk
     # c reads slot (c+1) % 2 and writes slot c % 2, so no thread overwrites a value that another
     # may still read; the barrier at the end of each chunk orders the rest.
@@ -335,7 +353,7 @@ def _selective_scan_bwd_kernel(
         dt_end, _ = _load_delta(delta_col + t_end, bias, (offs_d * 0 + t_end) < seqlen, HAS_BIAS, SOFTPLUS)
         dout, _ = _load_dout(dy_row, z_row, offs_l, mask, HAS_Z)
         dtu = dt * u
-        bc_offs = row0 + offs_l[None, :]  # B_n, C_n as full tiles, as in the forward
+        bc_offs = offs_l[None, :]  # B_n, C_n as (1, BLOCK_L) rows, as in the forward
         B_tile, C_tile = B_base + bc_offs, C_base + bc_offs
         s = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # C·h, only needed for dz
         gB = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)  # Σ_n g B
@@ -398,12 +416,11 @@ def _selective_scan_bwd_kernel(
             _, dy_dsilu = _load_dout(dy_row, z_row, offs_l, mask, HAS_Z)
             dz = dy_dsilu * s
             tl.store(dz_ptr + out_row + offs_l[None, :], dz, mask=mask)
-    # Per-batch partials, (b, d); the launcher sums over the batch.
-    part = pid_b * dim + offs_d
+    # The launcher sums the partials over the batch.
     if HAS_D:
-        tl.store(dD_ptr + part, dD_acc)
+        tl.store(part_row + dstate, dD_acc)
     if HAS_BIAS:
-        tl.store(dbias_ptr + part, dbias_acc)
+        tl.store(part_row + dstate + 1, dbias_acc)
 
 
 @fast_launch
@@ -461,19 +478,24 @@ def _chunk_size(seqlen: int) -> int:
 
 
 def _forward_chunk(seqlen: int, block_l: int) -> int:
-    # The forward walks 4 of the backward's chunks at a time (storing the state after each for it):
-    # fewer, longer steps of its sequential loop. At (64, 256, 1024, 16) on an H200, 512 steps took
-    # 0.279 ms against 0.336 for 128 (BENCHMARKS.md, "v5").
-    return max(block_l, min(next_pow2(seqlen), 4 * block_l))
+    # The forward walks 2 of the backward's chunks at a time (storing the state after each for it),
+    # two channels a thread: fewer, longer steps of its sequential loop, and B, C loaded once for
+    # both channels. At (64, 256, 1024, 16) on an H200, (2 channels, 256 steps) took 0.244 ms
+    # against 0.267 for (1, 512) and 0.271 for (1, 256) (NOTES.md, v8).
+    return max(block_l, min(next_pow2(seqlen), 2 * block_l))
 
 
 # Tiles: each thread holds `per_thread` elements of every (BLOCK_D, BLOCK_L) fp32 tile; BLOCK_D
 # follows from BLOCK_L. `maxnreg` caps the registers a thread (None: the compiler's choice).
-# Chosen by `bench.py --sweep` on an H200 (NOTES.md): the backward with one channel a program (4
-# steps a thread) beat two channels a thread, which halve the dB/dC atomics but hold more registers
-# (0.79 against 0.85 ms at (64, 256, 1024, 16), v7), and one channel a warp in 2-8 warp programs.
-_FWD_TILE = {"per_thread": 8, "num_warps": 1, "maxnreg": None}
+# Chosen by `bench.py --sweep` on an H200 (NOTES.md). The backward: one channel a program (4 steps
+# a thread) beat one channel a warp in 2-8 warp programs, and beat two channels a thread (which
+# halve the dB/dC atomics but hold more registers) except where few rows of dB, dC take the atomics
+# of many channels: at (8, 2048, 2048, 16), 1.52 against 1.63 ms; at (64, 256, 1024, 16), 0.78
+# against 0.76 (v8).
+_FWD_TILE = {"per_thread": 16, "num_warps": 1, "maxnreg": None}
 _BWD_TILE = {"per_thread": 4, "num_warps": 1, "maxnreg": None}
+_BWD_TILE_FEW_ROWS = {"per_thread": 8, "num_warps": 1, "maxnreg": 128}
+_FEW_ROWS = 16  # batch × groups at or below which _BWD_TILE_FEW_ROWS is used
 
 
 def _tile(cfg: dict, block_l: int, channels_per_group: int) -> dict:
@@ -537,25 +559,23 @@ def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     B4, C4 = _grouped(B), _grouped(C)
     ngroups = B4.shape[1]
     nchunks = cdiv(seqlen, block_l)
-    tile = tile or _tile(_BWD_TILE, block_l, dim // ngroups)
+    cfg = _BWD_TILE_FEW_ROWS if batch * ngroups <= _FEW_ROWS else _BWD_TILE
+    tile = tile or _tile(cfg, block_l, dim // ngroups)
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(batch, dim, seqlen, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(batch, dim, seqlen, device=u.device, dtype=delta.dtype)
     dz = torch.empty(batch, dim, seqlen, device=u.device, dtype=z.dtype) if z is not None else None
-    # dB, dC run to the end of the last chunk (the kernel adds zeros past the sequence)
-    dB = torch.zeros(batch, ngroups, dstate, nchunks * block_l, **f32)
-    dC = torch.zeros(batch, ngroups, dstate, nchunks * block_l, **f32)
-    dA = torch.zeros(batch, dim, dstate, **f32)
-    dD = torch.empty(batch, dim, **f32) if D is not None else None
-    dbias = torch.empty(batch, dim, **f32) if delta_bias is not None else None
-    gcarry = torch.empty(batch, dim, 2, dstate, **f32) if nchunks > 1 else dA
+    # dB, dC run to the end of the last chunk (the kernel adds zeros past the sequence); they and
+    # the partials of dA, dD, dΔbias each share one buffer: fewer small kernels around the backward.
+    dBC = torch.zeros(2, batch, ngroups, dstate, nchunks * block_l, **f32)
+    part = torch.zeros(batch, dim, dstate + 2, **f32)
+    gcarry = torch.empty(batch, dim, 2, dstate, **f32) if nchunks > 1 else part
     zz = z if z is not None else u
     grid = (batch, dim // tile["block_d"])
     _selective_scan_bwd_kernel[grid](
         u, delta, A, B4, C4, D if D is not None else u, zz,
-        delta_bias if delta_bias is not None else u, states if nchunks > 1 else dA, dy,
-        du, ddelta, dz if dz is not None else du, dA, dB, dC,
-        dD if dD is not None else dA, dbias if dbias is not None else dA, gcarry,
+        delta_bias if delta_bias is not None else u, states if nchunks > 1 else part, dy,
+        du, ddelta, dz if dz is not None else du, dBC[0], dBC[1], part, gcarry,
         dim, seqlen, dstate, nchunks, dim // ngroups, ngroups,
         u.stride(0), u.stride(1), delta.stride(0), delta.stride(1), A.stride(0), A.stride(1),
         B4.stride(0), B4.stride(1), B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2),
@@ -566,11 +586,15 @@ def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         VEC=_vec(block_l, tile["num_warps"]),
         num_warps=tile["num_warps"], maxnreg=tile["maxnreg"],
     )
-    dB = dB[..., :seqlen].to(B.dtype).reshape(B.shape)
-    dC = dC[..., :seqlen].to(C.dtype).reshape(C.shape)
-    dA = dA.sum(0).to(A.dtype)
-    dD = dD.sum(0).to(D.dtype) if D is not None else None
-    dbias = dbias.sum(0).to(delta_bias.dtype) if delta_bias is not None else None
+    dBC = dBC[..., :seqlen]
+    if B.dtype == C.dtype:
+        dBC = dBC.to(B.dtype)
+    dB = dBC[0].to(B.dtype).reshape(B.shape)
+    dC = dBC[1].to(C.dtype).reshape(C.shape)
+    part = part.sum(0)
+    dA = part[:, :dstate].to(A.dtype)
+    dD = part[:, dstate].to(D.dtype) if D is not None else None
+    dbias = part[:, dstate + 1].to(delta_bias.dtype) if delta_bias is not None else None
     return du, ddelta, dA, dB, dC, dD, dz, dbias
 
 
