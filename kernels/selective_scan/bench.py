@@ -31,7 +31,7 @@ SHAPES = [(64, 256, 1024, 16), (8, 2048, 2048, 16)]  # (b, d, l, n)
 # BLOCK_L = 32·warps·(steps a thread), as in (2, 128, 1). The forward stores the state after every
 # backward chunk, as for training. See NOTES.md.
 FWD_TILES = [(2, 256, 1, None), (1, 512, 1, None), (1, 256, 1, None), (2, 512, 1, None)]
-BWD_TILES = [(1, 128, 1, None), (2, 128, 1, 128), (1, 128, 1, 80), (2, 128, 1, 160)]
+BWD_TILES = [(1, 128, 1, 96), (1, 128, 1, None), (2, 128, 1, 128), (2, 128, 1, 160)]
 
 
 def emit(kind, row):

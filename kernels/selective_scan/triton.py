@@ -85,12 +85,13 @@ def _by_thread(v, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
 
 @triton.jit
 def _scan_from(h0, a, x, lane, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
-    """h_t = a_t h_{t-1} + x_t over a (BLOCK_D, BLOCK_L) chunk from h0 (BLOCK_D,) before it. h0 is
+    """h_t = a_t h_{t-1} + x_t over a (BLOCK_D, BLOCK_L) chunk from h0 before it ((BLOCK_D, 1), or
+    (BLOCK_D, BLOCK_L // 4) with column 0 read). h0 is
     folded into the first step's x, so the scan's products of a are never needed as an output and
     the compiler drops their last shuffle and fix-ups."""
     a0, a1, a2, a3 = _by_thread(a, BLOCK_D, BLOCK_L)
     x0, x1, x2, x3 = _by_thread(x, BLOCK_D, BLOCK_L)
-    x0 += a0 * tl.where(lane == 0, h0[:, None], 0.0)
+    x0 += a0 * tl.where(lane == 0, h0, 0.0)
     _, h = tl.associative_scan((a, tl.reshape(_join4(x0, x1, x2, x3), (BLOCK_D, BLOCK_L))), axis=1,
                                combine_fn=_combine)
     return h
@@ -99,8 +100,9 @@ def _scan_from(h0, a, x, lane, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
 @triton.jit
 def _adjoint_scan(a, a_end, c, g_end, lane, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """g_t = c_t + a_{t+1} g_{t+1} over a (BLOCK_D, BLOCK_L) chunk of a_t and c_t, where a_end and
-    g_end (BLOCK_D,) are a and g at the step after the chunk. Returns g (BLOCK_D, BLOCK_L) and its
-    first step (BLOCK_D, BLOCK_L // 4; column 0 holds it).
+    g_end are a and g at the step after the chunk ((BLOCK_D, 1), or (BLOCK_D, BLOCK_L // 4) with the
+    last column read). Returns g (BLOCK_D, BLOCK_L) and its first step (BLOCK_D, BLOCK_L // 4;
+    column 0 holds it).
 
     a_{t+1} is a_t one step on: three of a thread's four are its own, the fourth is the next
     lane's first (one shuffle, not four more exps). Each thread composes its steps into one map
@@ -112,9 +114,9 @@ def _adjoint_scan(a, a_end, c, g_end, lane, BLOCK_D: tl.constexpr, BLOCK_L: tl.c
     c0, c1, c2, c3 = _by_thread(c, BLOCK_D, BLOCK_L)
     last = lane == LANES - 1
     nxt = tl.minimum(lane + 1, LANES - 1)
-    a4 = tl.where(last, a_end[:, None], tl.gather(a0, nxt, axis=1))
+    a4 = tl.where(last, a_end, tl.gather(a0, nxt, axis=1))
     M = a1 * a2 * a3 * a4
-    X = c0 + a1 * (c1 + a2 * (c2 + a3 * c3)) + M * tl.where(last, g_end[:, None], 0.0)
+    X = c0 + a1 * (c1 + a2 * (c2 + a3 * c3)) + M * tl.where(last, g_end, 0.0)
     for k in tl.static_range(16):
         if (1 << k) < LANES:  # log2(LANES) levels
             src = tl.minimum(lane + (1 << k), LANES - 1)
@@ -122,11 +124,18 @@ def _adjoint_scan(a, a_end, c, g_end, lane, BLOCK_D: tl.constexpr, BLOCK_L: tl.c
             X = tl.where(inside, X + M * tl.gather(X, src, axis=1), X)
             if (2 << k) < LANES:  # the last level's product is not needed
                 M = tl.where(inside, M * tl.gather(M, src, axis=1), M)
-    g4 = tl.where(last, g_end[:, None], tl.gather(X, nxt, axis=1))
+    g4 = tl.where(last, g_end, tl.gather(X, nxt, axis=1))
     g3 = c3 + a4 * g4
     g2 = c2 + a3 * g3
     g1 = c1 + a2 * g2
     return tl.reshape(_join4(X, g1, g2, g3), (BLOCK_D, BLOCK_L)), X
+
+
+@triton.jit
+def _full_tile(v, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
+    """A (BLOCK_D, BLOCK_L // 4) tile, the same in each lane, as a (BLOCK_D, BLOCK_L) one: the
+    inverse of _by_thread's split for a value its four steps share, registers only."""
+    return tl.reshape(_join4(v, v, v, v), (BLOCK_D, BLOCK_L))
 
 
 @triton.jit
@@ -263,13 +272,16 @@ def _selective_scan_fwd_kernel(
 
 @triton.jit
 def _bwd_operands(n, A_col, s_A_n, B_tile, s_B_n, C_tile, s_C_n, mask, h0_ptr, has_prev, g_end_ptr, has_next,
-                  MULTI_CHUNK: tl.constexpr):
-    """What the backward's iteration over state index n reads: A_n (BLOCK_D,), B_n and C_n as
-    (BLOCK_D, BLOCK_L) tiles, and the state entering the chunk and the adjoint after it (BLOCK_D,),
-    zero at the sequence's ends."""
-    A = tl.load(A_col + n * s_A_n)
+                  MULTI_CHUNK: tl.constexpr, LANE_STATE: tl.constexpr):
+    """What the backward's iteration over state index n reads: B_n and C_n as (1, BLOCK_L) rows,
+    and, unless the lanes hold them (LANE_STATE), A_n, the state entering the chunk and the
+    adjoint after it (BLOCK_D,), zero at the sequence's ends."""
     B = tl.load(B_tile + n * s_B_n, mask=mask, other=0.0)
     C = tl.load(C_tile + n * s_C_n, mask=mask, other=0.0)
+    if LANE_STATE:
+        A = tl.zeros(A_col.shape, dtype=tl.float32)  # unused
+        return A, B, C, A, A
+    A = tl.load(A_col + n * s_A_n)
     if MULTI_CHUNK:
         h0 = tl.load(h0_ptr + n, mask=has_prev, other=0.0)
         g_end = tl.load(g_end_ptr + n, mask=has_next, other=0.0)
@@ -288,7 +300,8 @@ def _selective_scan_bwd_kernel(
     s_u_b, s_u_d, s_dt_b, s_dt_d, s_A_d, s_A_n,
     s_B_b, s_B_g, s_B_n, s_C_b, s_C_g, s_C_n, s_z_b, s_z_d, s_dy_b, s_dy_d,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    MULTI_CHUNK: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr, VEC: tl.constexpr,
+    MULTI_CHUNK: tl.constexpr, LANE_STATE: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+    VEC: tl.constexpr,
 ):
     # Batch is the fast grid axis: programs that run at the same time then add into different
     # rows of dB and dC, rather than queueing on the same addresses.
@@ -336,6 +349,14 @@ def _selective_scan_bwd_kernel(
     if HAS_D:
         D = tl.load(D_ptr + offs_d).to(tl.float32)
 
+    if LANE_STATE:
+        # dstate <= BLOCK_L // 4: lane k of a (BLOCK_D, BLOCK_L // 4) tile holds state index k's
+        # A, entering state, carried adjoint and dA, and one shuffle a value gives them to every
+        # lane: no global loads for them in the loop over n, and no round trip for the adjoint.
+        in_lane = lane < dstate
+        A_lanes = tl.load(A_col[:, None] + lane * s_A_n, mask=in_lane, other=0.0).to(tl.float32)
+        g_lanes = tl.zeros(lane.shape, dtype=tl.float32)  # the adjoint after the chunk
+        dA_lanes = tl.zeros(lane.shape, dtype=tl.float32)
     dD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     dbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for i in range(nchunks):
@@ -361,40 +382,63 @@ def _selective_scan_bwd_kernel(
         # Next state index's operands are loaded one iteration ahead, as in the forward.
         h0_ptr = states_row + (c - 1) * dstate
         g_end_ptr = gcarry_row + ((c + 1) % 2) * dstate
+        if LANE_STATE:
+            h0_lanes = tl.load(states_row[:, None] + (c - 1) * dstate + lane, mask=in_lane & has_prev[:, None],
+                               other=0.0)
+            g_first_lanes = tl.zeros(lane.shape, dtype=tl.float32)
         A_nx, B_nx, C_nx, h0_nx, g_end_nx = _bwd_operands(
-            0, A_col, s_A_n, B_tile, s_B_n, C_tile, s_C_n, mask, h0_ptr, has_prev, g_end_ptr, has_next, MULTI_CHUNK)
+            0, A_col, s_A_n, B_tile, s_B_n, C_tile, s_C_n, mask, h0_ptr, has_prev, g_end_ptr, has_next, MULTI_CHUNK,
+            LANE_STATE)
         for n in range(dstate):
-            A = A_nx.to(tl.float32)
-            A2 = A * LOG2E
+            if LANE_STATE:
+                is_n = lane == n
+                at_n = lane * 0 + n
+                A_l = tl.gather(A_lanes, at_n, axis=1)  # every lane: A_n
+                A = _full_tile(A_l, BLOCK_D, BLOCK_L)
+                A2 = _full_tile(A_l * LOG2E, BLOCK_D, BLOCK_L)
+                a_end = tl.exp2(dt_end[:, None] * (A_l * LOG2E))
+                h0 = tl.gather(h0_lanes, at_n, axis=1)
+                g_end = tl.gather(g_lanes, at_n, axis=1)
+            else:
+                A = A_nx.to(tl.float32)[:, None]
+                A2 = A * LOG2E
+                a_end = tl.exp2(dt_end[:, None] * A2)
+                h0 = h0_nx[:, None]
+                g_end = g_end_nx[:, None]
             Bn = B_nx.to(tl.float32)
             Cn = C_nx.to(tl.float32)
-            h0 = h0_nx
-            g_end = g_end_nx
             # the last iteration re-reads index dstate − 1
             A_nx, B_nx, C_nx, h0_nx, g_end_nx = _bwd_operands(
                 tl.minimum(n + 1, dstate - 1), A_col, s_A_n, B_tile, s_B_n, C_tile, s_C_n, mask, h0_ptr, has_prev,
-                g_end_ptr, has_next, MULTI_CHUNK)
-            a = tl.exp2(dt * A2[:, None])
+                g_end_ptr, has_next, MULTI_CHUNK, LANE_STATE)
+            a = tl.exp2(dt * A2)
             x = dtu * Bn
             h = _scan_from(h0, a, x, lane, BLOCK_D, BLOCK_L)
-            g, g_first = _adjoint_scan(a, tl.exp2(dt_end * A2), dout * Cn, g_end, lane, BLOCK_D, BLOCK_L)
-            if MULTI_CHUNK:
+            g, g_first = _adjoint_scan(a, a_end, dout * Cn, g_end, lane, BLOCK_D, BLOCK_L)
+            if LANE_STATE:
+                g_first_lanes = tl.where(is_n, tl.gather(g_first, lane * 0, axis=1), g_first_lanes)
+            elif MULTI_CHUNK:
                 tl.store(gcarry_tile + (c % 2) * dstate + n, g_first, mask=lane == 0)
             if HAS_Z:
                 s += h * Cn
             gB += g * Bn
             ghx = g * (h - x)  # g_t a_t h_{t-1}
-            gAhx += A[:, None] * ghx
-            # Added where it lives rather than selected into a (BLOCK_D, N) tile: one address
-            # per program, so the atomic never waits on another program. Each thread's steps
-            # first (registers), in the scans' split layout, which the lanes' sum keeps.
+            gAhx += A * ghx
+            # dA_n: each thread's steps first (registers), in the scans' split layout, which the
+            # lanes' sum keeps; then kept in lane n, or added where it lives (one address a
+            # program, so the atomic never waits on another program).
             p0, p1, p2, p3 = _by_thread(dt * ghx, BLOCK_D, BLOCK_L)
             dA_n = tl.sum((p0 + p1) + (p2 + p3), axis=1, keep_dims=True)
-            tl.atomic_add(dA_tile + n, dA_n + lane * 0, mask=lane == 0, sem="relaxed")
+            if LANE_STATE:
+                dA_lanes = tl.where(is_n, dA_lanes + dA_n, dA_lanes)
+            else:
+                tl.atomic_add(dA_tile + n, dA_n + lane * 0, mask=lane == 0, sem="relaxed")
             dBC_at = (n * nchunks + c) * BLOCK_L + offs_c[None, :]
             tl.atomic_add(dB_row + dBC_at, tl.sum(g * dtu, axis=0, keep_dims=True), sem="relaxed")
             tl.atomic_add(dC_row + dBC_at, tl.sum(dout * h, axis=0, keep_dims=True), sem="relaxed")
-        if MULTI_CHUNK:
+        if LANE_STATE:
+            g_lanes = g_first_lanes
+        elif MULTI_CHUNK:
             tl.debug_barrier()
         u = tl.load(u_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
         du = dt * gB
@@ -417,6 +461,8 @@ def _selective_scan_bwd_kernel(
             dz = dy_dsilu * s
             tl.store(dz_ptr + out_row + offs_l[None, :], dz, mask=mask)
     # The launcher sums the partials over the batch.
+    if LANE_STATE:
+        tl.store(dA_tile + lane, dA_lanes, mask=in_lane)
     if HAS_D:
         tl.store(part_row + dstate, dD_acc)
     if HAS_BIAS:
@@ -493,7 +539,7 @@ def _forward_chunk(seqlen: int, block_l: int) -> int:
 # of many channels: at (8, 2048, 2048, 16), 1.52 against 1.63 ms; at (64, 256, 1024, 16), 0.78
 # against 0.76 (v8).
 _FWD_TILE = {"per_thread": 16, "num_warps": 1, "maxnreg": None}
-_BWD_TILE = {"per_thread": 4, "num_warps": 1, "maxnreg": None}
+_BWD_TILE = {"per_thread": 4, "num_warps": 1, "maxnreg": 96}
 _BWD_TILE_FEW_ROWS = {"per_thread": 8, "num_warps": 1, "maxnreg": 128}
 _FEW_ROWS = 16  # batch × groups at or below which _BWD_TILE_FEW_ROWS is used
 
@@ -581,7 +627,7 @@ def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         B4.stride(0), B4.stride(1), B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2),
         zz.stride(0), zz.stride(1), dy.stride(0), dy.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, MULTI_CHUNK=nchunks > 1,
+        SOFTPLUS=delta_softplus, MULTI_CHUNK=nchunks > 1, LANE_STATE=dstate <= block_l // 4,
         BLOCK_D=tile["block_d"], BLOCK_L=block_l,
         VEC=_vec(block_l, tile["num_warps"]),
         num_warps=tile["num_warps"], maxnreg=tile["maxnreg"],
