@@ -29,10 +29,11 @@ across chunks. Because a_t h_{t-1} = h_t − x_t, the gradients that need the pr
     dΔ_t = Σ_n g (B u + A (h − x)),  du_t = D dout + Δ Σ_n g B,  dA_n = Σ_t Δ g (h − x),
     dB_t = Σ_{d in group} g Δ u,     dC_t = Σ_{d in group} dout h.
 dB and dC are summed over a program's BLOCK_D channels in registers and over the programs of a
-group with fp32 atomics; dA (added per n), dD and delta_bias get per-batch partials that the
-launcher sums. The carried state and adjoint enter the scans as part of the chunk's first and last
-step (_scan_from, _adjoint_scan), and the reverse scan composes each thread's 4 steps before it
-scans across lanes.
+group with fp32 atomics; dA, dD and delta_bias get per-batch partials that the launcher sums. The
+carried state and adjoint enter the scans as part of the chunk's first and last step (_scan_from,
+_adjoint_scan), and the reverse scan composes each thread's 4 steps before it scans across lanes.
+With N no larger than the lanes (LANE_STATE), lane n holds A_n, the state entering the chunk, the
+carried adjoint and dA_n, shuffled to the others when needed.
 """
 
 import math
@@ -192,7 +193,6 @@ def _selective_scan_fwd_kernel(
     pid_b = tl.program_id(1).to(tl.int64)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     offs_c = tl.arange(0, BLOCK_L)
-    row0 = offs_d[:, None] * 0  # (BLOCK_D, 1) zeros: broadcasts a row of B or C to a tile
     group = (pid_d * BLOCK_D) // channels_per_group
 
     u_row = u_ptr + pid_b * s_u_b + offs_d[:, None] * s_u_d
@@ -533,11 +533,11 @@ def _forward_chunk(seqlen: int, block_l: int) -> int:
 
 # Tiles: each thread holds `per_thread` elements of every (BLOCK_D, BLOCK_L) fp32 tile; BLOCK_D
 # follows from BLOCK_L. `maxnreg` caps the registers a thread (None: the compiler's choice).
-# Chosen by `bench.py --sweep` on an H200 (NOTES.md). The backward: one channel a program (4 steps
-# a thread) beat one channel a warp in 2-8 warp programs, and beat two channels a thread (which
-# halve the dB/dC atomics but hold more registers) except where few rows of dB, dC take the atomics
-# of many channels: at (8, 2048, 2048, 16), 1.52 against 1.63 ms; at (64, 256, 1024, 16), 0.78
-# against 0.76 (v8).
+# Chosen by `bench.py --sweep` on an H200 (NOTES.md, v8). The backward: one channel a program (4
+# steps a thread, at most 96 registers: 0.719 ms against 0.732 for the compiler's choice at (64,
+# 256, 1024, 16)) beat one channel a warp in 2-8 warp programs, and beat two channels a thread
+# (which halve the dB/dC atomics but hold more registers: 0.739 there) except where few rows of dB,
+# dC take the atomics of many channels: at (8, 2048, 2048, 16), 1.511 against 1.548 ms.
 _FWD_TILE = {"per_thread": 16, "num_warps": 1, "maxnreg": None}
 _BWD_TILE = {"per_thread": 4, "num_warps": 1, "maxnreg": 96}
 _BWD_TILE_FEW_ROWS = {"per_thread": 8, "num_warps": 1, "maxnreg": 128}
@@ -607,6 +607,7 @@ def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     nchunks = cdiv(seqlen, block_l)
     cfg = _BWD_TILE_FEW_ROWS if batch * ngroups <= _FEW_ROWS else _BWD_TILE
     tile = tile or _tile(cfg, block_l, dim // ngroups)
+    lane_state = dstate <= block_l // 4  # see the kernel
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(batch, dim, seqlen, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(batch, dim, seqlen, device=u.device, dtype=delta.dtype)
@@ -615,7 +616,7 @@ def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     # the partials of dA, dD, dΔbias each share one buffer: fewer small kernels around the backward.
     dBC = torch.zeros(2, batch, ngroups, dstate, nchunks * block_l, **f32)
     part = torch.zeros(batch, dim, dstate + 2, **f32)
-    gcarry = torch.empty(batch, dim, 2, dstate, **f32) if nchunks > 1 else part
+    gcarry = torch.empty(batch, dim, 2, dstate, **f32) if nchunks > 1 and not lane_state else part
     zz = z if z is not None else u
     grid = (batch, dim // tile["block_d"])
     _selective_scan_bwd_kernel[grid](
@@ -627,7 +628,7 @@ def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
         B4.stride(0), B4.stride(1), B4.stride(2), C4.stride(0), C4.stride(1), C4.stride(2),
         zz.stride(0), zz.stride(1), dy.stride(0), dy.stride(1),
         HAS_D=D is not None, HAS_Z=z is not None, HAS_BIAS=delta_bias is not None,
-        SOFTPLUS=delta_softplus, MULTI_CHUNK=nchunks > 1, LANE_STATE=dstate <= block_l // 4,
+        SOFTPLUS=delta_softplus, MULTI_CHUNK=nchunks > 1, LANE_STATE=lane_state,
         BLOCK_D=tile["block_d"], BLOCK_L=block_l,
         VEC=_vec(block_l, tile["num_warps"]),
         num_warps=tile["num_warps"], maxnreg=tile["maxnreg"],
