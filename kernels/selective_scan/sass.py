@@ -55,7 +55,7 @@ def main():
                 consts = dict(flags, STORE_STATES=True, BLOCK_D=bd, BLOCK_L=bl, STATE_L=state_l)
             else:
                 kernel = ss._selective_scan_bwd_kernel
-                consts = dict(flags, MULTI_CHUNK=nchunks > 1, LANE_STATE=n <= bl // 4, BLOCK_D=bd, BLOCK_L=bl,
+                consts = dict(flags, MULTI_CHUNK=nchunks > 1, LANE_STATE=ss._lane_state(n, bl), BLOCK_D=bd, BLOCK_L=bl,
                               VEC=ss._vec(bl, nw))
             ops, res = inner_loop_ops(compile_sm90(kernel, consts, ints, BF16_PTRS, nw, maxnreg))
             updates = bd * bl // (32 * nw)  # state updates a thread makes per n

@@ -394,9 +394,10 @@ def _selective_scan_bwd_kernel(
                 is_n = lane == n
                 at_n = lane * 0 + n
                 A_l = tl.gather(A_lanes, at_n, axis=1)  # every lane: A_n
+                A2_l = A_l * LOG2E
                 A = _full_tile(A_l, BLOCK_D, BLOCK_L)
-                A2 = _full_tile(A_l * LOG2E, BLOCK_D, BLOCK_L)
-                a_end = tl.exp2(dt_end[:, None] * (A_l * LOG2E))
+                A2 = _full_tile(A2_l, BLOCK_D, BLOCK_L)
+                a_end = tl.exp2(dt_end[:, None] * A2_l)
                 h0 = tl.gather(h0_lanes, at_n, axis=1)
                 g_end = tl.gather(g_lanes, at_n, axis=1)
             else:
@@ -553,6 +554,11 @@ def _tile(cfg: dict, block_l: int, channels_per_group: int) -> dict:
     return {**tile, "block_d": _pow2_divisor(channels_per_group, cap), "num_warps": num_warps}
 
 
+def _lane_state(dstate: int, block_l: int) -> bool:
+    """Whether the backward's lanes hold the per-state-index values (LANE_STATE): one lane each."""
+    return dstate <= block_l // 4
+
+
 def _vec(block_l: int, num_warps: int) -> int:
     """Consecutive steps a thread holds in the backward's (BLOCK_D, BLOCK_L) tiles (1 to 8)."""
     return min(max(block_l // (32 * num_warps), 1), 8)
@@ -607,7 +613,7 @@ def _selective_scan_bwd(dy, u, delta, A, B, C, D, z, delta_bias, delta_softplus,
     nchunks = cdiv(seqlen, block_l)
     cfg = _BWD_TILE_FEW_ROWS if batch * ngroups <= _FEW_ROWS else _BWD_TILE
     tile = tile or _tile(cfg, block_l, dim // ngroups)
-    lane_state = dstate <= block_l // 4  # see the kernel
+    lane_state = _lane_state(dstate, block_l)
     f32 = dict(device=u.device, dtype=torch.float32)
     du = torch.empty(batch, dim, seqlen, device=u.device, dtype=u.dtype)
     ddelta = torch.empty(batch, dim, seqlen, device=u.device, dtype=delta.dtype)

@@ -1395,6 +1395,12 @@ def _fused_strides(x, zz, dt, B, C) -> tuple[int, ...]:
     return (*x.stride()[:3], *zz.stride()[:3], *dt.stride(), *B.stride()[:3], *C.stride()[:3])
 
 
+def _zdtc_strides(zz, dt, C) -> tuple[int, ...]:
+    """The stride arguments of the kernels that read only z, dt and C (`_fused_fwd_fix_kernel`,
+    `_fused_dstate_bwd_kernel`), in their order."""
+    return (*zz.stride()[:3], *dt.stride(), *C.stride()[:3])
+
+
 def _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, store_final, for_backward):
     """Returns out (b, l, h, p), final state or None, and what `_fused_bwd` needs."""
     batch, seqlen, nheads, headdim = x.shape
@@ -1435,7 +1441,7 @@ def _fused_fwd(x, dt, A, B, C, D, z, dt_bias, initial_states, dt_softplus, store
             dt, A, dt_bias if dt_bias is not None else A, C, zz, out, ypre if ypre is not None else out,
             final if final is not None else out, seg_decay, seg_final, seg_in,
             seqlen, nheads, headdim, dstate, nheads // ngroups, seg_blocks,
-            *zz.stride()[:3], *dt.stride(), *C.stride()[:3],
+            *_zdtc_strides(zz, dt, C),
             HAS_Z=z is not None, HAS_DT_BIAS=dt_bias is not None, DT_SOFTPLUS=dt_softplus,
             STORE_FINAL=final is not None, STORE_YPRE=ypre is not None,
             BLOCK_T=_FUSED_T, BLOCK_P=_pow2(headdim), BLOCK_N=_pow2(dstate), num_warps=4,
@@ -1469,7 +1475,7 @@ def _fused_bwd(dout, dfinal, x, dt, A, B, C, D, z, dt_bias, dt_softplus, has_ini
     _fused_dstate_bwd_kernel[(batch * nheads, cdiv(headdim, block_p), nseg)](
         dout, zz, dt, A, bias_arg, C, dfin if dfin is not None else dout, dstates,
         dinit if dinit is not None else dstates, seg_gfirst if seg_gfirst is not None else dstates,
-        seqlen, nheads, headdim, dstate, hpg, seg_blocks, *zz.stride()[:3], *dt.stride(), *C.stride()[:3],
+        seqlen, nheads, headdim, dstate, hpg, seg_blocks, *_zdtc_strides(zz, dt, C),
         **flags, HAS_DFINAL=dfin is not None, HAS_INIT=has_init, SEGMENTED=nseg > 1, **blocks, BLOCK_P=block_p,
     )
 
