@@ -213,7 +213,7 @@ def run_stages(cfg, teacher: LM, student: LM, stages: list[int], datamodule, log
         else:
             transfer_weights(teacher, student)
             module = KnowledgeDistillation(student, teacher, optimizer, scheduler, cfg.stage3.temperature,
-                                           cfg.stage3.hard_weight)
+                                           cfg.stage3.hard_weight, cfg.weight_decay_on)
             metrics.update(_fit(cfg, module, datamodule, log_dir, "stage3", tokens[stage]))
     metrics.update(_test(cfg, student, datamodule, "student"))
     return metrics
@@ -253,7 +253,7 @@ def distill(cfg: DictConfig) -> dict[str, float]:
         student = make_student(teacher)
         optimizer = hydra.utils.instantiate(cfg.optimizer)
         scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.scheduler is not None else None
-        metrics.update(_fit(cfg, LitLM(student, optimizer, scheduler), datamodule, run_dir, "scratch",
+        metrics.update(_fit(cfg, LitLM(student, optimizer, scheduler, cfg.weight_decay_on), datamodule, run_dir, "scratch",
                             cfg.total_tokens))
         metrics.update(_test(cfg, student, datamodule, "scratch"))
 

@@ -30,8 +30,8 @@ from models.lit import LitLM
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 USER_ERROR_EXIT = 2
 # The top level of conf/train.yaml: an experiment preset that adds other keys belongs to another script.
-CONFIG_KEYS = ("task", "model", "trainer", "logger", "optimizer", "scheduler", "seed", "target_acc",
-               "ckpt_path", "run_dir")
+CONFIG_KEYS = ("task", "model", "trainer", "logger", "optimizer", "scheduler", "weight_decay_on", "seed",
+               "target_acc", "ckpt_path", "run_dir")
 
 
 class ConfigError(ValueError):
@@ -79,7 +79,9 @@ def build(cfg: DictConfig):
     ckpt = cfg.ckpt_path
     if ckpt is not None and ckpt != "last" and not Path(ckpt).is_file():
         raise ConfigError(f"ckpt_path={ckpt!r}: no such checkpoint file (give a .ckpt path or 'last')")
-    return datamodule, LitLM(net, optimizer, scheduler)
+    with config_errors(""):
+        module = LitLM(net, optimizer, scheduler, weight_decay_on=cfg.weight_decay_on)
+    return datamodule, module
 
 
 def _callbacks(cfg, run_dir):
@@ -125,8 +127,10 @@ def train(cfg: DictConfig, callbacks=()) -> dict[str, float]:
 
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.logger else False
     checkpoint, own_callbacks = _callbacks(cfg, run_dir)
+    # A curriculum picks its stage's training data when the loader is rebuilt, so rebuild it each epoch.
+    reload = {"reload_dataloaders_every_n_epochs": 1} if datamodule.curriculum else {}
     trainer = hydra.utils.instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger,
-                                      callbacks=own_callbacks + list(callbacks))
+                                      callbacks=own_callbacks + list(callbacks), **reload)
     start = time.perf_counter()
     trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
     seconds = time.perf_counter() - start

@@ -40,16 +40,26 @@ def warmup_cosine(optimizer, total_steps, warmup_frac=0.1, min_lr_ratio=0.0):
     return LambdaLR(optimizer, factor)
 
 
-def configure_optimizers(module: L.LightningModule, params, optimizer_factory, scheduler_factory=None):
+WEIGHT_DECAY_ON = ("all", "matrices")
+
+
+def configure_optimizers(module: L.LightningModule, params, optimizer_factory, scheduler_factory=None,
+                         weight_decay_on="all"):
     """AdamW-style `optimizer_factory` over `params` (the trainable ones), stepped per batch by
     `scheduler_factory(optimizer, total_steps)`; Lightning's `configure_optimizers` return value.
 
-    Norm gains, biases and the SSM's A_log / D / dt_bias are not decayed (as in mamba_ssm).
+    weight_decay_on: "all" decays every parameter (Zoology's `AdamW(model.parameters())`);
+        "matrices" spares norm gains, biases and the SSM's A_log / D / dt_bias (the parameters
+        mamba_ssm marks `_no_weight_decay`), as GPT-style training scripts do.
     """
+    if weight_decay_on not in WEIGHT_DECAY_ON:
+        raise ValueError(f"weight_decay_on={weight_decay_on!r}: must be one of {', '.join(WEIGHT_DECAY_ON)}")
     decay, no_decay = [], []
     for p in params:
-        if p.requires_grad:
-            (no_decay if p.ndim < 2 or getattr(p, "_no_weight_decay", False) else decay).append(p)
+        if not p.requires_grad:
+            continue
+        spared = weight_decay_on == "matrices" and (p.ndim < 2 or getattr(p, "_no_weight_decay", False))
+        (no_decay if spared else decay).append(p)
     optimizer = optimizer_factory([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}])
     if scheduler_factory is None:
         return optimizer
@@ -66,13 +76,17 @@ class LitLM(L.LightningModule):
         net: the language model (`hidden(ids) -> (b, l, d)`, `head: d -> V`).
         optimizer: a partial optimiser (`optimizer(param_groups)`), e.g. Hydra's `_partial_` AdamW.
         scheduler: a partial `(optimizer, total_steps) -> LRScheduler`, or None for a constant LR.
+        weight_decay_on: "all" or "matrices" (see `configure_optimizers`).
     """
 
-    def __init__(self, net: nn.Module, optimizer, scheduler=None):
+    def __init__(self, net: nn.Module, optimizer, scheduler=None, weight_decay_on="all"):
         super().__init__()
+        if weight_decay_on not in WEIGHT_DECAY_ON:
+            raise ValueError(f"weight_decay_on={weight_decay_on!r}: must be one of {', '.join(WEIGHT_DECAY_ON)}")
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
+        self.weight_decay_on = weight_decay_on
         self.metrics = nn.ModuleDict()  # "{stage}/{name}" -> MeanMetric, created in setup
 
     # -- metrics ---------------------------------------------------------------------------------
@@ -152,4 +166,5 @@ class LitLM(L.LightningModule):
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
-        return configure_optimizers(self, self.net.parameters(), self.optimizer_factory, self.scheduler_factory)
+        return configure_optimizers(self, self.net.parameters(), self.optimizer_factory, self.scheduler_factory,
+                                    self.weight_decay_on)

@@ -1,8 +1,11 @@
-"""A language model around any mixer: embedding → n_layers × block → RMSNorm → head.
+"""A language model around any mixer: embedding → n_layers × block → final norm → head.
 
-Block: x + mixer(RMSNorm(x)), then x + MLP(RMSNorm(x)) when mlp_expand > 0 (pre-norm, as GPT-2 and
+Block: x + mixer(norm(x)), then x + MLP(norm(x)) when mlp_expand > 0 (pre-norm, as GPT-2 and
 mamba_ssm's MixerModel). The constructor is flat so Hydra can build it from `model.*` keys; the
 mixer hyper-parameters a chosen mixer does not use are accepted and ignored.
+
+The recipe choices (head tying, norm, init) default to what the reference code does; README "Recipe"
+compares them with Zoology and mamba_ssm, with the measurements behind each.
 """
 
 import math
@@ -17,6 +20,8 @@ from models.mamba2 import Mamba2
 
 MIXERS = ("mamba2", "attention", "mamba1", "hybrid")
 POSITIONS = ("none", "learned", "rope")
+NORMS = {"rmsnorm": nn.RMSNorm, "layernorm": nn.LayerNorm}
+INITS = ("mixer", "normal")
 
 
 @dataclass
@@ -39,11 +44,11 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, d_model: int, mixer: nn.Module, mlp_expand: int):
+    def __init__(self, d_model: int, mixer: nn.Module, mlp_expand: int, norm: str = "rmsnorm"):
         super().__init__()
-        self.norm = nn.RMSNorm(d_model, eps=1e-5)
+        self.norm = NORMS[norm](d_model, eps=1e-5)
         self.mixer = mixer
-        self.mlp_norm = nn.RMSNorm(d_model, eps=1e-5) if mlp_expand else None
+        self.mlp_norm = NORMS[norm](d_model, eps=1e-5) if mlp_expand else None
         self.mlp = MLP(d_model, mlp_expand * d_model) if mlp_expand else None
 
     def forward(self, x: Tensor, cache=None) -> Tensor:
@@ -70,6 +75,13 @@ class LM(nn.Module):
     pos: "none"; "learned" (absolute position embeddings for max_seqlen positions, added to the token
         embeddings); "rope" (rotary embeddings inside the attention layers, for max_seqlen positions).
     mlp_expand: MLP hidden width as a multiple of d_model; 0 = no MLP (Zoology's MQAR setting).
+    tie_embeddings: the head's weight is the token embedding's (Zoology and mamba_ssm); False gives
+        the head its own weight.
+    norm: "rmsnorm" (mamba_ssm, Zoology's Mamba blocks) or "layernorm" (Zoology's attention blocks),
+        for the blocks' norms and the final norm; eps 1e-5.
+    init: "mixer" (each block as its reference code: attention and MLPs GPT-2's N(0, 0.02) as in
+        Zoology; Mamba blocks mamba_ssm's, PyTorch's default Linear init) or "normal" (GPT-2's
+        N(0, 0.02) for every Linear, as Zoology did in 2023). Both keep the mixers' own Δ/A/D inits.
     Mixer hyper-parameters (named as in mamba_ssm): n_heads (attention); d_state (default 16 for
     Mamba-1, 64 for Mamba-2), d_conv, expand (both Mambas); dt_rank (Mamba-1); headdim, ngroups,
     chunk_size (Mamba-2).
@@ -93,6 +105,9 @@ class LM(nn.Module):
         ngroups: int = 1,
         chunk_size: int = 256,
         dt_rank: int | str = "auto",
+        tie_embeddings: bool = True,
+        norm: str = "rmsnorm",
+        init: str = "mixer",
     ):
         super().__init__()
         for name, v in dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, max_seqlen=max_seqlen).items():
@@ -103,6 +118,12 @@ class LM(nn.Module):
             raise ValueError(f"mixer={mixer!r}: must be one of {', '.join(MIXERS)}")
         if pos not in POSITIONS:
             raise ValueError(f"pos={pos!r}: must be one of {', '.join(POSITIONS)}")
+        if not isinstance(tie_embeddings, bool):
+            raise ValueError(f"tie_embeddings={tie_embeddings!r}: must be true or false")
+        if norm not in NORMS:
+            raise ValueError(f"norm={norm!r}: must be one of {', '.join(NORMS)}")
+        if init not in INITS:
+            raise ValueError(f"init={init!r}: must be one of {', '.join(INITS)}")
         attn_layers = tuple(attn_layers)
         if mixer == "hybrid":
             if not attn_layers:
@@ -119,6 +140,7 @@ class LM(nn.Module):
         if d_state is None:
             d_state = 16 if mixer == "mamba1" else 64  # each block's mamba_ssm default
         self.vocab_size, self.d_model, self.max_seqlen, self.pos = vocab_size, d_model, max_seqlen, pos
+        self.norm_type, self.tie_embeddings = norm, tie_embeddings
 
         def make_mixer(i: int) -> nn.Module:
             if mixer == "attention" or i in attn_layers:
@@ -132,25 +154,44 @@ class LM(nn.Module):
 
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(max_seqlen, d_model) if pos == "learned" else None
-        self.blocks = nn.ModuleList(Block(d_model, make_mixer(i), mlp_expand) for i in range(n_layers))
-        self.norm_f = nn.RMSNorm(d_model, eps=1e-5)
+        self.blocks = nn.ModuleList(Block(d_model, make_mixer(i), mlp_expand, norm) for i in range(n_layers))
+        self.norm_f = NORMS[norm](d_model, eps=1e-5)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
-        self._init_weights(n_residuals=n_layers * (2 if mlp_expand else 1))
+        self._init_weights(init, n_layers, n_residuals=n_layers * (2 if mlp_expand else 1))
+        if tie_embeddings:  # after the init, so the shared weight keeps the embedding's N(0, 0.02)
+            self.head.weight = self.embedding.weight
 
-    def _init_weights(self, n_residuals: int) -> None:
-        """N(0, 0.02) linears and embeddings with zero biases, except where a mixer has its own init.
+    def _init_weights(self, init: str, n_layers: int, n_residuals: int) -> None:
+        """GPT-2's init (Zoology's `_init_weights`) or, for Mamba blocks under init="mixer", mamba_ssm's.
 
-        Projections that write into the residual stream get std 0.02/√(#residual branches) (GPT-2),
-        so the stream's variance at init does not grow with depth.
+        GPT-2: every Linear and Embedding N(0, 0.02), biases zero; the projections that write into
+        the residual stream (attention's out_proj, the MLP's fc2) N(0, 0.02/√(2·n_layers)), so the
+        stream's variance at init does not grow with depth.
+        mamba_ssm (`mixer_seq_simple._init_weights`): Linear weights keep PyTorch's default
+        (kaiming-uniform), biases zero; out_proj is redrawn and divided by √(#residual branches).
+        Modules and biases marked `_no_reinit` (Mamba-1's Δ projection) keep their own init in both.
         """
+        gpt2_std_out = 0.02 / math.sqrt(2 * n_layers)
+        mamba_blocks = [] if init == "normal" else [b for b in self.blocks if isinstance(b.mixer, (Mamba1, Mamba2))]
+        mamba_modules = {id(m) for b in mamba_blocks for m in b.mixer.modules()}
         for module in self.modules():
-            if isinstance(module, (nn.Linear, nn.Embedding)) and not getattr(module, "_no_reinit", False):
+            if not isinstance(module, (nn.Linear, nn.Embedding)) or getattr(module, "_no_reinit", False):
+                continue
+            if id(module) not in mamba_modules:
                 nn.init.normal_(module.weight, std=0.02)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-        for name, p in self.named_parameters():
-            if name.endswith(("mixer.out_proj.weight", "mlp.fc2.weight")):
-                nn.init.normal_(p, std=0.02 / math.sqrt(n_residuals))
+            bias = getattr(module, "bias", None)
+            if bias is not None and not getattr(bias, "_no_reinit", False):
+                nn.init.zeros_(bias)
+        for block in self.blocks:
+            if block.mlp is not None:
+                nn.init.normal_(block.mlp.fc2.weight, std=gpt2_std_out)
+            out = block.mixer.out_proj.weight
+            if block in mamba_blocks:
+                nn.init.kaiming_uniform_(out, a=math.sqrt(5))
+                with torch.no_grad():
+                    out /= math.sqrt(n_residuals)
+            else:
+                nn.init.normal_(out, std=gpt2_std_out)
 
     def _embed(self, ids: Tensor, start: int) -> Tensor:
         """ids: (b, l) at positions start.. -> (b, l, d_model)."""

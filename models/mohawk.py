@@ -40,7 +40,8 @@ def make_student(
     teacher: LM, mixer: str = "mamba2", d_state: int | None = None, expand: int = 1, d_conv: int = 4,
     chunk_size: int = 64,
 ) -> LM:
-    """A Mamba-2 LM shaped like `teacher`: same vocabulary, width, depth, MLPs and positions.
+    """A Mamba-2 LM shaped like `teacher`: same vocabulary, width, depth, MLPs, positions, norms and head
+    tying (so stage 3 can copy everything outside the mixers).
 
     Each mixer has one head per teacher head with its own B and C (ngroups = nheads = the teacher's
     n_heads), so head h's SSD matrix can match attention head h; headdim = expand·d_model / n_heads
@@ -63,7 +64,7 @@ def make_student(
         mlp_expand=0 if mlp is None else mlp.fc1.out_features // d_model,
         pos="none" if teacher.pos == "rope" else teacher.pos, max_seqlen=teacher.max_seqlen,
         d_state=d_state, d_conv=d_conv, expand=expand, headdim=expand * d_model // n_heads, ngroups=n_heads,
-        chunk_size=chunk_size,
+        chunk_size=chunk_size, tie_embeddings=teacher.tie_embeddings, norm=teacher.norm_type,
     )
     if mixer == "discrete":
         for block in student.blocks:
@@ -198,8 +199,8 @@ class KnowledgeDistillation(_FrozenTeacher, LitLM):
     """
 
     def __init__(self, net: LM, teacher: LM, optimizer, scheduler=None, temperature: float = 1.0,
-                 hard_weight: float = 0.0):
-        super().__init__(net, optimizer, scheduler)
+                 hard_weight: float = 0.0, weight_decay_on: str = "all"):
+        super().__init__(net, optimizer, scheduler, weight_decay_on)
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise ValueError(f"temperature={temperature!r}: must be a number > 0")
         if not (isinstance(hard_weight, (int, float)) and 0 <= hard_weight <= 1):

@@ -3,15 +3,61 @@
 The task's parameters are validated when the module is built (before anything is generated or
 written); the data itself is generated in `setup`, from a different seed per split.
 """
+from dataclasses import dataclass
+
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from tasks import make_task
-from tasks.base import TaskData, check_positive_int
+from tasks.base import Task, TaskData, check_positive_int
 
-# Each split draws from its own seed so train, val and test never share a stream.
+# Each split draws from its own seed so train, val and test never share a stream; curriculum
+# stage i trains on seed offset CURRICULUM_SEED_OFFSET + i.
 SPLIT_SEED_OFFSET = {"train": 0, "val": 1, "test": 2}
+CURRICULUM_SEED_OFFSET = 3
+MAX_STAGES = 100 - CURRICULUM_SEED_OFFSET  # offsets stay below the seed's stride of 100
+
+
+@dataclass
+class Stage:
+    """`epochs` epochs of training on `task` (a variant of the data module's task)."""
+
+    epochs: int
+    task: Task
+    overrides: dict
+
+
+def parse_curriculum(name: str, params: dict, curriculum) -> list[Stage]:
+    """Stages from config entries `{epochs: E, <task parameter>: value, ...}`, in order.
+
+    Each stage is the task with its parameters overridden (validated now, so a bad stage fails
+    before anything is generated); errors name the entry, `curriculum[i].key=value: ...`.
+    """
+    if not isinstance(curriculum, (list, tuple)) and type(curriculum).__name__ != "ListConfig":
+        raise ValueError(f"curriculum={curriculum!r}: must be a list of stages "
+                         f"like {{epochs: 4, num_kv_pairs: 8}}")
+    if len(curriculum) > MAX_STAGES:
+        raise ValueError(f"curriculum: {len(curriculum)} stages; at most {MAX_STAGES}")
+    stages = []
+    for i, entry in enumerate(curriculum):
+        if not hasattr(entry, "items"):
+            raise ValueError(f"curriculum[{i}]={entry!r}: must be a mapping like {{epochs: 4, num_kv_pairs: 8}}")
+        overrides = {str(k): v for k, v in entry.items()}
+        epochs = overrides.pop("epochs", None)
+        if epochs is None:
+            raise ValueError(f"curriculum[{i}].epochs: missing; each stage says how many epochs it trains")
+        try:
+            check_positive_int("epochs", epochs)
+            if overrides.get("seq_len", 0) > params.get("seq_len", 0):
+                raise ValueError(f"seq_len={overrides['seq_len']}: a stage may not be longer than the task's "
+                                 f"seq_len={params.get('seq_len')} (the model is sized for it)")
+            task = make_task(name, **{**params, **overrides})
+        except ValueError as e:
+            raise ValueError(f"curriculum[{i}].{e}") from e
+        stages.append(Stage(epochs, task, overrides))
+    return stages
 
 
 class TaskDataset(Dataset):
@@ -65,11 +111,17 @@ class TaskDataModule(L.LightningDataModule):
             heads); each is logged as `test@seq_len=L/...`.
         fresh_train: generate `num_train` new training examples every epoch instead of one fixed
             training set (the Mamba paper's selective copying and induction heads).
+        curriculum: training stages before the task itself, e.g. `[{epochs: 4, num_kv_pairs: 8},
+            {epochs: 4, num_kv_pairs: 16}]`: stage i trains for its `epochs` on the task with its
+            parameters overridden (num_train examples, its own seed), then training continues on the
+            task. Validation and test always use the task itself. The stage is a function of the
+            epoch, so a resumed run picks up where it stopped; the Trainer must reload the training
+            loader every epoch (`run.train` sets `reload_dataloaders_every_n_epochs=1`).
         **params: the task's own parameters (vocab_size, seq_len, ...).
     """
 
     def __init__(self, name, batch_size, num_train, num_val, num_test, seed=0, test_seq_lens=(),
-                 fresh_train=False, **params):
+                 fresh_train=False, curriculum=(), **params):
         super().__init__()
         sizes = {"batch_size": batch_size, "num_train": num_train, "num_val": num_val,
                  "num_test": num_test}
@@ -82,6 +134,8 @@ class TaskDataModule(L.LightningDataModule):
         self.name, self.batch_size, self.seed, self.fresh_train = name, batch_size, seed, fresh_train
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.task = make_task(name, **params)  # validates the task's parameters now
+        self.curriculum = parse_curriculum(name, params, curriculum or [])
+        self._train_stage = None  # the stage whose training set self.data["train"] holds
         self.test_tasks = {}
         for seq_len in test_seq_lens or ():
             check_positive_int("test_seq_lens[]", seq_len)
@@ -92,11 +146,26 @@ class TaskDataModule(L.LightningDataModule):
     def _seed(self, split):
         return self.seed * 100 + SPLIT_SEED_OFFSET[split]
 
+    def stage_at(self, epoch: int) -> int:
+        """The curriculum stage that trains epoch `epoch`; len(curriculum) = the task itself."""
+        end = 0
+        for i, stage in enumerate(self.curriculum):
+            end += stage.epochs
+            if epoch < end:
+                return i
+        return len(self.curriculum)
+
+    def _train_task(self, stage: int) -> tuple[Task, int]:
+        """The task and the seed that training stage `stage` draws from."""
+        if stage == len(self.curriculum):
+            return self.task, self._seed("train")
+        return self.curriculum[stage].task, self.seed * 100 + CURRICULUM_SEED_OFFSET + stage
+
     def setup(self, stage=None):
         if self.data:
             return
         for split, n in self.sizes.items():
-            if not (split == "train" and self.fresh_train):
+            if split != "train":
                 self.data[split] = self.task.generate(n, self._seed(split))
         for seq_len, task in self.test_tasks.items():
             self.data[f"test@seq_len={seq_len}"] = task.generate(self.sizes["test"], self._seed("test"))
@@ -122,10 +191,26 @@ class TaskDataModule(L.LightningDataModule):
                           shuffle=shuffle, drop_last=False)
 
     def train_dataloader(self):
+        epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0
+        stage = self.stage_at(epoch())
+        if self.curriculum:
+            reload = self.trainer.reload_dataloaders_every_n_epochs if self.trainer is not None else 1
+            if reload != 1:
+                raise ValueError(f"curriculum: the Trainer must reload the training data every epoch "
+                                 f"(reload_dataloaders_every_n_epochs=1, not {reload})")
+            if stage != self._train_stage:
+                what = ("the task" if stage == len(self.curriculum)
+                        else ", ".join(f"{k}={v}" for k, v in self.curriculum[stage].overrides.items()))
+                rank_zero_info(f"curriculum: epoch {epoch()} trains on stage {stage + 1}/"
+                               f"{len(self.curriculum) + 1} ({what})")
+        task, seed = self._train_task(stage)
         if self.fresh_train:
-            epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0
-            stream = FreshBatches(self.task, self.sizes["train"], self.batch_size, self._seed("train"), epoch)
+            stream = FreshBatches(task, self.sizes["train"], self.batch_size, seed, epoch)
+            self._train_stage = stage
             return DataLoader(stream, batch_size=None)
+        if stage != self._train_stage:  # one stage's training set in memory at a time
+            self.data["train"] = task.generate(self.sizes["train"], seed)
+            self._train_stage = stage
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self):

@@ -17,6 +17,11 @@ BAD = {
     "vocab-too-small": (["task.vocab_size=32"], ["task.vocab_size", "32"]),
     "distill-preset": (["experiment=mohawk_smoke"], ["stage1", "distill.py"]),
     "missing-checkpoint": (["ckpt_path=/nonexistent.ckpt"], ["ckpt_path", "/nonexistent.ckpt"]),
+    "norm": (["model.norm=batchnorm"], ["model.norm='batchnorm'", "rmsnorm, layernorm"]),
+    "init": (["model.init=xavier"], ["model.init='xavier'", "mixer, normal"]),
+    "weight-decay-on": (["weight_decay_on=norms"], ["weight_decay_on='norms'", "all, matrices"]),
+    "curriculum-stage": (["task.curriculum=[{epochs:2,num_kv_pairs:16}]"],
+                         ["task.curriculum[0].num_kv_pairs=16", "seq_len=32"]),
 }
 
 

@@ -113,20 +113,66 @@ def test_state_size_sums_layers():
     assert make_lm("attention-learned").state_size(100) == 2 * (2 * D_MODEL * 100)
 
 
-def test_num_params():
-    lm = make_lm("attention-learned", mlp_expand=0)
+@pytest.mark.parametrize("tie", [True, False])
+def test_num_params(tie):
+    lm = make_lm("attention-learned", mlp_expand=0, norm="rmsnorm", tie_embeddings=tie)
     per_layer = D_MODEL + 3 * D_MODEL**2 + D_MODEL**2  # norm, qkv, out_proj
     embeddings = VOCAB * D_MODEL + 16 * D_MODEL  # tokens, positions (max_seqlen=16)
-    assert lm.num_params() == embeddings + 2 * per_layer + D_MODEL + D_MODEL * VOCAB
+    head = 0 if tie else D_MODEL * VOCAB  # a tied head is the token embedding
+    assert lm.num_params() == embeddings + 2 * per_layer + D_MODEL + head
+
+
+def test_tied_head_is_the_embedding_and_learns_as_one():
+    lm = make_lm("mamba2")
+    assert lm.head.weight is lm.embedding.weight
+    assert lm.embedding.weight.std().item() == pytest.approx(0.02, rel=0.2)  # the embedding's init, not the head's
+    ids = token_ids()
+    lm(ids).sum().backward()
+    # One tensor's gradient holds both uses: rows of tokens never read still get the head's gradient.
+    unread = torch.ones(VOCAB, dtype=torch.bool)
+    unread[ids.unique()] = False
+    assert unread.any() and lm.embedding.weight.grad[unread].abs().sum() > 0
+    state = make_lm("mamba2").state_dict()
+    lm.load_state_dict(state)
+    assert lm.head.weight is lm.embedding.weight and torch.equal(lm.head.weight, state["embedding.weight"])
+    assert make_lm("mamba2", tie_embeddings=False).head.weight is not make_lm("mamba2").embedding.weight
+
+
+@pytest.mark.parametrize("norm, cls", [("rmsnorm", torch.nn.RMSNorm), ("layernorm", torch.nn.LayerNorm)])
+def test_norm_choice(norm, cls):
+    lm = make_lm("attention-rope-mlp", norm=norm)
+    norms = [lm.norm_f] + [n for b in lm.blocks for n in (b.norm, b.mlp_norm)]
+    assert all(type(n) is cls and n.eps == 1e-5 for n in norms)
 
 
 def test_init_keeps_mixer_special_inits():
-    lm = make_lm("mamba1-learned-mlp")
-    for block in lm.blocks:
-        dt = F.softplus(block.mixer.dt_proj.bias.detach())
-        assert (dt >= 1e-4).all() and (dt <= 0.1 + 1e-6).all()  # not zeroed by the generic init
-        torch.testing.assert_close(block.mixer.A_log[0].exp(), torch.arange(1.0, 5.0))
-    assert lm.embedding.weight.std().item() == pytest.approx(0.02, rel=0.2)
+    for init in ("mixer", "normal"):
+        lm = make_lm("mamba1-learned-mlp", init=init)
+        for block in lm.blocks:
+            dt = F.softplus(block.mixer.dt_proj.bias.detach())
+            assert (dt >= 1e-4).all() and (dt <= 0.1 + 1e-6).all()  # not zeroed by the generic init
+            r = block.mixer.dt_rank
+            assert block.mixer.dt_proj.weight.abs().max() <= r**-0.5  # mamba_ssm's uniform(±R^-½)
+            torch.testing.assert_close(block.mixer.A_log[0].exp(), torch.arange(1.0, 5.0))
+        assert lm.embedding.weight.std().item() == pytest.approx(0.02, rel=0.2)
+
+
+def test_init_mixer_is_mamba_ssm_for_mamba_and_gpt2_for_attention():
+    """init="mixer": Mamba blocks keep PyTorch's Linear init (kaiming-uniform, std 1/√(3·fan_in)) with
+    out_proj divided by √(#residual branches) (mamba_ssm); attention gets N(0, 0.02) with out_proj
+    N(0, 0.02/√(2·n_layers)) (Zoology / GPT-2); init="normal" gives every Mamba Linear N(0, 0.02)."""
+    d, n_layers = 256, 4
+    kwargs = dict(vocab_size=VOCAB, d_model=d, n_layers=n_layers, headdim=64, d_state=16)
+    torch.manual_seed(0)
+    mamba = LM(**kwargs, mixer="mamba2").blocks[0].mixer
+    assert mamba.in_proj.weight.std().item() == pytest.approx((3 * d) ** -0.5, rel=0.05)
+    assert mamba.out_proj.weight.std().item() == pytest.approx((3 * 2 * d) ** -0.5 / n_layers**0.5, rel=0.05)
+    mamba = LM(**kwargs, mixer="mamba2", init="normal").blocks[0].mixer
+    assert mamba.in_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert mamba.out_proj.weight.std().item() == pytest.approx(0.02 / (2 * n_layers) ** 0.5, rel=0.05)
+    attn = LM(**kwargs, mixer="attention").blocks[0].mixer
+    assert attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert attn.out_proj.weight.std().item() == pytest.approx(0.02 / (2 * n_layers) ** 0.5, rel=0.05)
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -171,6 +217,9 @@ VALIDATION = {
     "n_layers-0": (dict(n_layers=0), r"^n_layers=0: must be a positive integer$"),
     "mlp_expand": (dict(mlp_expand=-1), r"^mlp_expand=-1: must be an integer >= 0"),
     "headdim": (dict(headdim=12), r"^headdim=12: must divide d_inner=expand\*d_model=32$"),
+    "norm": (dict(norm="batchnorm"), r"^norm='batchnorm': must be one of rmsnorm, layernorm$"),
+    "init": (dict(init="xavier"), r"^init='xavier': must be one of mixer, normal$"),
+    "tie_embeddings": (dict(tie_embeddings="yes"), r"^tie_embeddings='yes': must be true or false$"),
     "n_heads": (dict(mixer="attention", n_heads=3), r"^n_heads=3: must divide d_model=16$"),
 }
 

@@ -48,6 +48,15 @@ def test_resume_continues_from_checkpoint(tmp_path):
     assert second["train/epochs"] == 2
 
 
+def test_curriculum_runs_through_train(tmp_path):
+    """run.train rebuilds the training loader every epoch when there is a curriculum (the data module
+    refuses to train a curriculum otherwise), and the stages' data is what trains."""
+    cfg = tiny(tmp_path, *MQAR, "task.num_train=640", "model=mamba2", "model.d_model=32", "trainer.max_epochs=3",
+               "target_acc=null", "task.curriculum=[{epochs:1,num_kv_pairs:2},{epochs:1,num_kv_pairs:3}]")
+    metrics = run.train(cfg)
+    assert metrics["train/epochs"] == 3 and metrics["train/steps"] == 3 * 10
+
+
 def test_sliced_and_extrapolation_metrics(tmp_path):
     cfg = tiny(tmp_path, "task=induction_heads", "task.num_train=640", "task.vocab_size=16", "task.seq_len=32",
                "task.test_seq_lens=[64]", "model=mamba2", "model.d_model=32", "trainer.max_epochs=1",

@@ -1,0 +1,88 @@
+"""The data module: splits, and the curriculum's stages (which data each epoch trains on)."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from tasks.base import IGNORE
+from tasks.data import TaskDataModule
+
+MQAR = dict(name="mqar", vocab_size=64, seq_len=32, num_kv_pairs=6, batch_size=16, num_train=64, num_val=32,
+            num_test=32)
+STAGES = [{"epochs": 1, "num_kv_pairs": 2}, {"epochs": 2, "num_kv_pairs": 4}]
+
+
+def scored_per_example(batch) -> set[int]:
+    return set((batch["labels"] != IGNORE).sum(1).tolist())
+
+
+def at_epoch(dm, epoch, reload=1):
+    """Attach a stand-in trainer at `epoch`, as Lightning's is when it rebuilds the loader."""
+    dm.trainer = SimpleNamespace(current_epoch=epoch, reload_dataloaders_every_n_epochs=reload)
+    return dm
+
+
+def test_curriculum_trains_each_stage_for_its_epochs_then_the_task():
+    dm = TaskDataModule(**MQAR, curriculum=STAGES)
+    dm.setup()
+    # epoch -> K: stage 1 for 1 epoch, stage 2 for 2, then the task (K=6) for the rest.
+    for epoch, k in [(0, 2), (1, 4), (2, 4), (3, 6), (10, 6)]:
+        loader = at_epoch(dm, epoch).train_dataloader()
+        assert {n for b in loader for n in scored_per_example(b)} == {k}, epoch
+        assert sum(len(b["inputs"]) for b in loader) == MQAR["num_train"]
+    for loader in (dm.val_dataloader(), dm.test_dataloader()[0]):  # always the task itself
+        assert {n for b in loader for n in scored_per_example(b)} == {6}
+
+
+def test_curriculum_stage_is_a_function_of_the_epoch():
+    """A resumed run (Lightning restores current_epoch) trains on what an uninterrupted one did."""
+    straight, resumed = TaskDataModule(**MQAR, curriculum=STAGES), TaskDataModule(**MQAR, curriculum=STAGES)
+    straight.setup()
+    resumed.setup()
+    first_pairs = {}
+    for epoch in range(4):
+        at_epoch(straight, epoch).train_dataloader()
+        first_pairs[epoch] = straight.data["train"].inputs[:, :4].clone()  # k1 v1 k2 v2
+    for epoch in (2, 1, 3, 0):  # any order of visits gives the same data for the epoch
+        at_epoch(resumed, epoch).train_dataloader()
+        assert torch.equal(resumed.data["train"].inputs[:, :4], first_pairs[epoch])
+    # Each stage draws from its own seed: no stage repeats another's (or the task's) examples.
+    assert not torch.equal(first_pairs[0], first_pairs[1]) and not torch.equal(first_pairs[1], first_pairs[3])
+
+
+def test_no_curriculum_is_the_task_every_epoch():
+    dm = TaskDataModule(**MQAR)
+    dm.setup()
+    first = at_epoch(dm, 0, reload=0).train_dataloader().dataset.data.inputs
+    assert torch.equal(at_epoch(dm, 5, reload=0).train_dataloader().dataset.data.inputs, first)
+
+
+def test_curriculum_with_fresh_data():
+    dm = TaskDataModule(**MQAR, curriculum=STAGES, fresh_train=True)
+    dm.setup()
+    assert {n for b in at_epoch(dm, 0).train_dataloader() for n in scored_per_example(b)} == {2}
+    assert {n for b in at_epoch(dm, 3).train_dataloader() for n in scored_per_example(b)} == {6}
+
+
+def test_curriculum_needs_the_loader_rebuilt_every_epoch():
+    dm = TaskDataModule(**MQAR, curriculum=STAGES)
+    dm.setup()
+    with pytest.raises(ValueError, match=r"reload_dataloaders_every_n_epochs=1, not 0"):
+        at_epoch(dm, 0, reload=0).train_dataloader()
+
+
+BAD = {
+    "not-a-list": ({"epochs": 1}, r"^curriculum=\{'epochs': 1\}: must be a list of stages"),
+    "not-a-mapping": ([3], r"^curriculum\[0\]=3: must be a mapping"),
+    "no-epochs": ([{"num_kv_pairs": 2}], r"^curriculum\[0\].epochs: missing"),
+    "zero-epochs": ([{"epochs": 0, "num_kv_pairs": 2}], r"^curriculum\[0\].epochs=0: must be a positive integer"),
+    "unknown-key": ([{"epochs": 1, "num_kvpairs": 2}], r"^curriculum\[0\].num_kvpairs=2: not a parameter of task"),
+    "bad-value": ([{"epochs": 1}, {"epochs": 1, "num_kv_pairs": 9}], r"^curriculum\[1\].num_kv_pairs=9: must satisfy"),
+    "longer": ([{"epochs": 1, "seq_len": 64}], r"^curriculum\[0\].seq_len=64: a stage may not be longer"),
+}
+
+
+@pytest.mark.parametrize("curriculum, match", list(BAD.values()), ids=list(BAD))
+def test_bad_curriculum(curriculum, match):
+    with pytest.raises(ValueError, match=match):
+        TaskDataModule(**MQAR, curriculum=curriculum)
