@@ -29,6 +29,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import run
+from models.callbacks import Diverged
 from models.lit import LitLM
 from models.lm import LM
 from models.mohawk import KnowledgeDistillation, LayerwiseStage, check_teacher, transfer_weights
@@ -123,6 +124,7 @@ def build(cfg: DictConfig):
                               "(model=attention), or give a trained one with teacher=<run dir or .ckpt>") from None
     else:
         teacher = load_teacher(str(cfg.teacher), weights=False)
+        run.check_trainer(cfg.trainer)
     with config_errors("task"):
         datamodule = hydra.utils.instantiate(cfg.task)
     if teacher.vocab_size != datamodule.vocab_size:
@@ -172,7 +174,7 @@ def _trainer(cfg, log_dir: Path, name: str, steps: int) -> L.Trainer:
     validates `evals_per_stage` times on the way and logs and checkpoints into log_dir/name."""
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(log_dir), name=name) if cfg.logger else False
     checkpoint = ModelCheckpoint(dirpath=log_dir / name / "checkpoints", save_last=True, save_top_k=0)
-    return hydra.utils.instantiate(
+    return run.make_trainer(
         cfg.trainer, default_root_dir=str(log_dir / name), logger=logger,
         callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],
         max_steps=steps, max_epochs=-1, check_val_every_n_epoch=None,
@@ -305,6 +307,9 @@ def main(cfg: DictConfig) -> None:
         distill(cfg)
     except ConfigError as e:  # reached when preflight was skipped (Hydra flags given), or the teacher fails to load
         run.exit_user_error(str(e))
+    except Diverged as e:  # the teacher's training (run.train)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(run.DIVERGED_EXIT)
 
 
 if __name__ == "__main__":

@@ -1,55 +1,179 @@
 """Train one model on one task.
 
     python run.py                                        # MQAR + Mamba-2 (the default job)
-    python run.py task=mqar model=mamba2 model.d_state=32 task.seq_len=128
-    python run.py task=induction_heads model=attention
-    python run.py hydra.run.dir=runs/x ckpt_path=last    # resume the run in runs/x
+    python run.py task=mqar model=mamba2 model.d_state=32 task.seq_len=128 task.vocab_size=256
+    python run.py hydra.run.dir=runs/x trainer.max_epochs=2
+    python run.py hydra.run.dir=runs/x ckpt_path=last    # resume the run in runs/x: its own config
 
 Each run writes into its directory: config.yaml (resolved), TensorBoard events, checkpoints/
 (last.ckpt, best.ckpt) and metrics.json. A mistake in the configuration is reported in one line
-(`error: model.headdim=48: ...`) with exit status 2, before anything is written.
+(`error: model.headdim=48: ...`) with exit status 2, before anything is written; a run whose loss
+turns NaN stops with one line and exit status 1, keeping its last checkpoint from before.
 """
 import contextlib
 import json
+import logging
+import math
 import os
+import re
 import sys
 import time
+import types
+import typing
+import warnings
+import zipfile
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
+from models.callbacks import Diverged, FiniteLoss
 from models.lit import LitLM
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 USER_ERROR_EXIT = 2
+DIVERGED_EXIT = 1
 # The top level of conf/train.yaml: an experiment preset that adds other keys belongs to another script.
 CONFIG_KEYS = ("task", "model", "trainer", "logger", "optimizer", "scheduler", "weight_decay_on", "seed",
                "target_acc", "ckpt_path", "run_dir")
+# What a resume may change: how long the run trains, where, and how it reports. Anything else
+# would make it another run. The first two may grow, not shrink.
+LONGER = ("trainer.max_epochs", "trainer.max_steps")
+MAY_CHANGE = (*LONGER, "target_acc", "trainer.accelerator", "trainer.enable_progress_bar",
+              "trainer.log_every_n_steps", "trainer.enable_model_summary")
+# Where the run is, what it resumes from and where it logs (logger.save_dir is the run dir) are the
+# command's: never compared with the saved config.
+NOT_COMPARED = ("run_dir", "ckpt_path", "logger")
+
+# Messages that ask nothing of the user: torch's deprecation of a pytree class that Lightning
+# still uses, a resumed run's checkpoints/ not being empty (check_run keeps new runs out of a run
+# dir that holds one), a cloud-logging advert, how Lightning counts the steps of the LR schedule.
+warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                        category=FutureWarning)
+warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+_SILENCED_INFO = ("💡 Tip:", "Loading `train_dataloader` to estimate number of stepping batches")
+for _name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    logging.getLogger(_name).addFilter(lambda record: not record.getMessage().startswith(_SILENCED_INFO))
 
 
 class ConfigError(ValueError):
     """A user's mistake in the configuration: reported as one line, never as a traceback."""
 
 
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _name_the_key(group: str, node, message: str) -> str:
+    """`group.key=value: message`. Our own checks start with `key=`; a library's message (torch's
+    "Invalid learning rate: -1") is given the key it names, or else the key whose value it quotes."""
+    if not group:
+        return message
+    if re.match(r"^[A-Za-z_][\w.\[\]]*\s*[=:]", message):
+        return f"{group}.{message}"
+    items = {k: v for k, v in node.items() if not str(k).startswith("_")} if isinstance(node, dict) else {}
+    for pattern in (r"(?<!\w){}=|`{}`", r"\b{}\b"):  # `key` or key= first: "devices=0 ... cpu accelerator"
+        for key, value in items.items():
+            if re.search(pattern.format(*[re.escape(str(key))] * 2), message, re.IGNORECASE):
+                return f"{group}.{key}={_show(value)}: {message}"
+    for key, value in items.items():
+        for v in (value if isinstance(value, list) else [value]):
+            if v is not None and re.search(rf"(?<![\w.]){re.escape(str(v))}(?![\w.])", message):
+                return f"{group}.{key}={_show(value)}: {message}"
+    return f"{group}: {message}"
+
+
 @contextlib.contextmanager
-def config_errors(group):
-    """Turn the ValueError/TypeError a constructor raises into a ConfigError naming `group.key`."""
+def config_errors(group, node=None, catch=(ValueError, TypeError, OmegaConfBaseException, HydraException)):
+    """Turn what a constructor raises (`catch`) into a ConfigError naming `group.key` and its value;
+    `node` is the group's config, to find the key that a library's message does not name."""
     try:
         yield
     except ConfigError:
         raise
-    except (ValueError, TypeError, OmegaConfBaseException, HydraException) as e:
+    except catch as e:
         while e.__cause__ is not None and isinstance(e, HydraException):  # unwrap instantiate()
             e = e.__cause__
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ConfigError(f"{group}.{msg}" if group else msg) from e
+        msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        values = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else None
+        raise ConfigError(_name_the_key(group, values, msg)) from e
+
+
+# -- checks -------------------------------------------------------------------------------------
+def _fits(value, hint) -> bool:
+    """Whether a config value has the type `hint` of a constructor argument (classes, callables and
+    other objects a config cannot hold are left to the constructor)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_fits(value, a) for a in args)
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if hint is type(None):
+        return value is None
+    if hint in (int, float, bool, str):
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        return {int: isinstance(value, int) and not isinstance(value, bool), float: number,
+                bool: isinstance(value, bool), str: isinstance(value, str)}[hint]
+    if origin in (list, tuple) or hint in (list, tuple):
+        return isinstance(value, (list, tuple, ListConfig))
+    return True
+
+
+def _type_name(hint) -> str:
+    """`int or null`, `one of 64, 32, '32-true', ...`: a constructor's type hint, said as config values."""
+    union = typing.get_origin(hint) in (typing.Union, types.UnionType)
+    names = []
+    for arg in typing.get_args(hint) if union else (hint,):
+        if typing.get_origin(arg) is typing.Literal:
+            names += [repr(v) for v in typing.get_args(arg)]
+        else:
+            names.append("null" if arg is type(None) else getattr(typing.get_origin(arg) or arg, "__name__", str(arg)))
+    return " or ".join(names) if len(names) <= 2 else "one of " + ", ".join(names)
+
+
+@contextlib.contextmanager
+def _quiet():
+    """No info lines or warnings from a constructor that is only being tried."""
+    logging.disable(logging.INFO)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def check_trainer(trainer_cfg: DictConfig) -> None:
+    """The trainer config as its class takes it: argument types, the values Lightning checks when it
+    is built, and an accelerator this machine has (a GPU preset on a CPU machine says how to run)."""
+    target = hydra.utils.get_class(trainer_cfg._target_)
+    hints = typing.get_type_hints(target.__init__)
+    values = OmegaConf.to_container(trainer_cfg, resolve=True)
+    for key, value in values.items():
+        if key in hints and not _fits(value, hints[key]):
+            raise ConfigError(f"trainer.{key}={_show(value)}: must be {_type_name(hints[key])} "
+                              f"(the type {trainer_cfg._target_} takes)")
+    if values.get("accelerator") in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"trainer.accelerator={values['accelerator']}: this machine has no GPU (a GPU preset "
+                          "or trainer=gpu/ddp asks for one); add trainer=cpu to run it on the CPU")
+    with config_errors("trainer", trainer_cfg, catch=Exception), _quiet():
+        hydra.utils.instantiate(trainer_cfg, logger=False, enable_checkpointing=False, callbacks=[])
+
+
+def make_trainer(trainer_cfg: DictConfig, **kwargs) -> L.Trainer:
+    """`trainer_cfg` built; `enable_progress_bar: null` shows the bar only on a terminal (a log file
+    would get every redraw)."""
+    if trainer_cfg.get("enable_progress_bar") is None:
+        kwargs.setdefault("enable_progress_bar", sys.stdout.isatty())
+    return hydra.utils.instantiate(trainer_cfg, **kwargs)
 
 
 def build(cfg: DictConfig):
@@ -61,42 +185,43 @@ def build(cfg: DictConfig):
     if extra:
         raise ConfigError(f"{extra[0]}: not a run.py setting (an experiment preset of distill.py?); "
                           f"run.py takes {', '.join(CONFIG_KEYS)}")
-    with config_errors("task"):
+    with config_errors("task", cfg.task):
         datamodule = hydra.utils.instantiate(cfg.task)
-    with config_errors("model"):
+    with config_errors("model", cfg.model):
         net = hydra.utils.instantiate(cfg.model)
+    check_positions(datamodule, net)
     # Optimiser and schedule are built once on a dummy parameter: their constructors check values.
-    with config_errors("optimizer"):
+    with config_errors("optimizer", cfg.optimizer):
         optimizer = hydra.utils.instantiate(cfg.optimizer)
         probe = optimizer([torch.nn.Parameter(torch.zeros(1))])
-    with config_errors("scheduler"):
+    with config_errors("scheduler", cfg.scheduler):
         scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.scheduler is not None else None
         if scheduler is not None:
             scheduler(probe, 100)
     target = cfg.target_acc
     if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
         raise ConfigError(f"target_acc={target!r}: must be a number in (0, 1], or null")
-    ckpt = cfg.ckpt_path
-    if ckpt is not None and ckpt != "last" and not Path(ckpt).is_file():
-        raise ConfigError(f"ckpt_path={ckpt!r}: no such checkpoint file (give a .ckpt path or 'last')")
+    check_trainer(cfg.trainer)
     with config_errors(""):
         module = LitLM(net, optimizer, scheduler, weight_decay_on=cfg.weight_decay_on)
     return datamodule, module
 
 
-def _callbacks(cfg, run_dir):
-    tokens = ThroughputMonitor(batch_size_fn=lambda b: b["inputs"].shape[0],
-                               length_fn=lambda b: b["inputs"].numel())
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc",
-                                 mode="max", save_top_k=1, save_last=True)
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step"), tokens]
-    if cfg.target_acc is not None:
-        # Early stop is a threshold, not a plateau: patience is effectively infinite.
-        callbacks.append(EarlyStopping(monitor="val/acc", mode="max", patience=10**9,
-                                       stopping_threshold=float(cfg.target_acc), check_finite=True))
-    return checkpoint, callbacks
+def check_positions(datamodule, net) -> None:
+    """Every length the run trains or tests on has positions in the model (learned and RoPE tables
+    end at model.max_seqlen), so that no test set fails after training."""
+    if getattr(net, "pos", "none") == "none":
+        return
+    too_long = [n for n in [datamodule.task.seq_len, *datamodule.test_tasks] if n > net.max_seqlen]
+    if too_long:
+        key = "task.seq_len" if datamodule.task.seq_len in too_long else "task.test_seq_lens"
+        value = datamodule.task.seq_len if key == "task.seq_len" else list(datamodule.test_tasks)
+        raise ConfigError(f"{key}={value}: model.pos={net.pos} has positions only below model.max_seqlen="
+                          f"{net.max_seqlen}; allowed: lengths <= {net.max_seqlen}, a larger model.max_seqlen, "
+                          "or model.pos=none")
 
 
+# -- the run directory: a new run, or the same run resumed -----------------------------------------
 def _flat(cfg: DictConfig) -> dict:
     out = {}
     for key, value in OmegaConf.to_container(cfg, resolve=True).items():
@@ -107,38 +232,214 @@ def _flat(cfg: DictConfig) -> dict:
     return out
 
 
+def _leaves(cfg: DictConfig) -> dict:
+    """The config's values by dotted key, without the keys that are the command's own."""
+    return _flat(OmegaConf.masked_copy(cfg, [k for k in cfg if k not in (*NOT_COMPARED, "hydra")]))
+
+
+def _limit(value) -> float:
+    return math.inf if value in (None, -1) else value
+
+
+def checkpoint_path(cfg: DictConfig) -> Path | None:
+    """The file `ckpt_path` names (`last`: the run dir's checkpoints/last.ckpt), which must exist."""
+    if cfg.ckpt_path is None:
+        return None
+    if cfg.ckpt_path == "last":
+        path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt"
+        if not path.is_file():
+            started = (Path(cfg.run_dir) / "config.yaml").is_file()
+            why = ("its run stopped before its first validation, which saves the first checkpoint; "
+                   "start again in a new hydra.run.dir") if started else \
+                "give the run to resume with hydra.run.dir=<its directory>"
+            raise ConfigError(f"ckpt_path=last: {cfg.run_dir} has no checkpoints/last.ckpt ({why})")
+        return path
+    path = Path(cfg.ckpt_path)
+    if not path.is_file():
+        raise ConfigError(f"ckpt_path={cfg.ckpt_path!r}: no such checkpoint file (give a .ckpt path or 'last')")
+    return path
+
+
+def check_checkpoint(path: Path, module: L.LightningModule) -> None:
+    """`path` is a Lightning checkpoint of this model that loads safely (weights_only: no code runs)."""
+    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive, its directory last
+        raise ConfigError(f"ckpt_path={str(path)!r}: not a checkpoint (not a torch.save archive, or one cut short)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # a damaged archive, a pickle that would run code
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"ckpt_path={str(path)!r}: cannot load it with weights_only=True, which runs no code "
+                          f"from the file ({reason})") from None
+    if not (isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict) and "loops" in ckpt):
+        raise ConfigError(f"ckpt_path={str(path)!r}: not a Lightning training checkpoint (no state_dict "
+                          "and loop state)")
+    want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    have = {k: tuple(v.shape) for k, v in ckpt["state_dict"].items()}
+    for key in sorted(want.keys() | have.keys()):
+        if want.get(key) != have.get(key):
+            raise ConfigError(f"ckpt_path={str(path)!r}: a checkpoint of another model ({key}: "
+                              f"{have.get(key, 'missing')} in the checkpoint, {want.get(key, 'absent')} in this one)")
+
+
+def saved_config(cfg: DictConfig) -> tuple[DictConfig, Path] | None:
+    """(config, its file) of the run a resume continues: the run dir's config.yaml, else the one
+    beside the checkpoint's checkpoints/ folder; None for a checkpoint without one."""
+    ckpt = checkpoint_path(cfg)
+    for path in (Path(cfg.run_dir) / "config.yaml", ckpt.parent.parent / "config.yaml"):
+        if path.is_file():
+            return OmegaConf.load(path), path
+    return None
+
+
+def check_resume(cfg: DictConfig, saved: DictConfig, where: Path) -> list[str]:
+    """The keys in which `cfg` differs from the run's saved config, all of which a resume may change;
+    a ConfigError for any other."""
+    new, old = _leaves(cfg), _leaves(saved)
+    changed = [k for k in sorted(new.keys() | old.keys()) if new.get(k, ...) != old.get(k, ...)]
+    for key in sorted(changed, key=lambda k: k not in new or k not in old):  # changed values first
+        value, before = _show(new.get(key, "absent")), _show(old.get(key, "absent"))
+        if key not in MAY_CHANGE:
+            raise ConfigError(f"{key}={value}: the run was made with {key}={before} ({where}); a resume continues "
+                              f"the same run and may change only {', '.join(MAY_CHANGE)}")
+        if key in LONGER and _limit(new[key]) < _limit(old[key]):
+            raise ConfigError(f"{key}={value}: the run was made with {key}={before} ({where}); a resume may "
+                              "raise it, not lower it")
+    return changed
+
+
+def check_run(cfg: DictConfig, module: L.LightningModule) -> tuple[Path | None, dict | None]:
+    """What `cfg` does with its run dir, checked before anything is written there.
+
+    Returns (the checkpoint to resume from, or None for a new run; the metrics of a run that has
+    finished and that the command does not extend, else None). A new run needs a run dir without
+    a run; a resume needs a checkpoint of this model and the run's own config (check_resume).
+    """
+    run_dir = Path(cfg.run_dir)
+    ckpt = checkpoint_path(cfg)
+    if ckpt is None:
+        if (run_dir / "config.yaml").exists():
+            raise ConfigError(f"hydra.run.dir={run_dir}: already holds a run (its config.yaml); resume it "
+                              "with ckpt_path=last, or give another hydra.run.dir")
+        return None, None
+    saved = saved_config(cfg)
+    changed = check_resume(cfg, *saved) if saved is not None else []
+    check_checkpoint(ckpt, module)
+    metrics = run_dir / "metrics.json"
+    if metrics.is_file() and not set(changed) & {*LONGER, "target_acc"}:
+        return ckpt, json.loads(metrics.read_text())
+    return ckpt, None
+
+
+def resume_config(cfg: DictConfig, overrides, config_name="train") -> DictConfig:
+    """The config that `cfg`, composed from the command line `overrides`, trains: itself for a new
+    run; for a resume (`ckpt_path`), the run's saved config with only what the overrides set taken
+    from `cfg`, so that the defaults of today's conf/ never replace the run's own values.
+    An override that sets a group (`model=...`) sets whatever that group changes in the composition."""
+    if cfg.get("ckpt_path") is None:
+        return cfg
+    saved = saved_config(cfg)
+    if saved is None:
+        return cfg
+    new, old = _leaves(cfg), _leaves(saved[0])
+    touched = set()
+    for override in OverridesParser.create().parse_overrides(list(overrides)):
+        key = override.key_or_group
+        if key.split(".")[0] in ("hydra", *NOT_COMPARED):
+            continue
+        if (Path(CONF_DIR) / key).is_dir():
+            rest = _leaves(compose([o for o in overrides if o != override.input_line], config_name))
+            touched |= {k for k in new.keys() | rest.keys() if new.get(k, ...) != rest.get(k, ...)}
+        else:
+            touched |= {k for k in new.keys() | old.keys() if k == key or k.startswith(key + ".")}
+    resumed = OmegaConf.merge(saved[0], {k: cfg[k] for k in NOT_COMPARED})
+    with open_dict(resumed):
+        for key in sorted(touched):
+            if key in new:
+                OmegaConf.update(resumed, key, new[key], merge=False)
+            elif key in old:
+                parent, _, name = key.rpartition(".")
+                del (OmegaConf.select(resumed, parent) if parent else resumed)[name]
+    return resumed
+
+
 def _write_json(path: Path, obj):
+    """Strict JSON, atomically (the file is either absent or complete). A non-finite number (the
+    loss of a run that never trained, say) is written as null, which every JSON reader takes."""
+    clean = {k: None if isinstance(v, float) and not math.isfinite(v) else v for k, v in obj.items()}
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)  # atomic: metrics.json is either absent or complete
+    tmp.write_text(json.dumps(clean, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    tmp.replace(path)
+
+
+def _callbacks(cfg, run_dir):
+    tokens = ThroughputMonitor(batch_size_fn=lambda b: b["inputs"].shape[0],
+                               length_fn=lambda b: b["inputs"].numel())
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc",
+                                 mode="max", save_top_k=1, save_last=True)
+    # Early stop is a threshold, not a plateau: patience is effectively infinite. Always present (a
+    # null target never stops), so that a resume may change target_acc and still restore its state.
+    target = float(cfg.target_acc) if cfg.target_acc is not None else None
+    stop = EarlyStopping(monitor="val/acc", mode="max", patience=10**9, stopping_threshold=target,
+                         check_finite=True)
+    return checkpoint, [checkpoint, LearningRateMonitor(logging_interval="step"), tokens, stop, FiniteLoss()]
+
+
+def _hparams(cfg: DictConfig) -> dict:
+    """The run's settings for TensorBoard's HParams: every key but the run's own (where it is, what it
+    resumed from, the logger's) and Hydra's (`_target_`); null values are left out (TensorBoard has
+    no null)."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in _leaves(cfg).items()
+            if v is not None and not k.rpartition(".")[2].startswith("_")}
 
 
 def train(cfg: DictConfig, callbacks=()) -> dict[str, float]:
     """Train `cfg.model` on `cfg.task`, test the best checkpoint, return flat metrics.
 
-    `callbacks` are extra Lightning callbacks (an Optuna pruner, say).
+    `callbacks` are extra Lightning callbacks (an Optuna pruner, say). With `cfg.ckpt_path`, the run
+    in `cfg.run_dir` is resumed (check_run); a finished run returns its metrics without training.
+    Raises ConfigError for a mistake in `cfg` (before anything is written) and Diverged when the loss
+    becomes non-finite.
     """
     L.seed_everything(cfg.seed, workers=True, verbose=False)  # before build: the model's init draws from it
     datamodule, module = build(cfg)
+    ckpt, finished = check_run(cfg, module)
     run_dir = Path(cfg.run_dir)
+    print(f"run dir: {run_dir.resolve()}", flush=True)
+    if finished is not None:
+        print(f"finished already (its metrics are in {run_dir / 'metrics.json'}); to train it on, raise "
+              f"trainer.max_epochs (now {cfg.trainer.max_epochs}) or change target_acc (now {cfg.target_acc})",
+              flush=True)
+        return finished
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-    print(f"run dir: {run_dir.resolve()}", flush=True)
 
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(run_dir)) if cfg.logger else False
+    if logger:
+        # Lightning writes hparams.yaml only when it is missing: a resume rewrites it here.
+        (run_dir / "hparams.yaml").unlink(missing_ok=True)
+        logger.log_hyperparams(_hparams(cfg))
     checkpoint, own_callbacks = _callbacks(cfg, run_dir)
     # A curriculum picks its stage's training data when the loader is rebuilt, so rebuild it each epoch.
     reload = {"reload_dataloaders_every_n_epochs": 1} if datamodule.curriculum else {}
-    trainer = hydra.utils.instantiate(cfg.trainer, default_root_dir=str(run_dir), logger=logger,
-                                      callbacks=own_callbacks + list(callbacks), **reload)
+    trainer = make_trainer(cfg.trainer, default_root_dir=str(run_dir), logger=logger,
+                           callbacks=own_callbacks + list(callbacks), **reload)
     start = time.perf_counter()
-    trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt, weights_only=True)
+    except Diverged as e:
+        last = run_dir / "checkpoints" / "last.ckpt"
+        kept = f"its last good checkpoint: {last}" if last.is_file() else "no checkpoint was saved before it"
+        raise Diverged(f"{e} (now {cfg.optimizer.get('lr')}); {kept}") from None
     seconds = time.perf_counter() - start
     steps, epochs = trainer.global_step, trainer.current_epoch
 
-    tested = trainer.test(module, datamodule=datamodule,
-                          ckpt_path="best" if checkpoint.best_model_path else None, verbose=False)
+    # Tested without the logger: the test metrics reach TensorBoard once, below, with the settings
+    # that produced them.
+    trainer.loggers = []
+    tested = trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None,
+                          verbose=False, weights_only=True)
     metrics = {k: float(v) for result in tested for k, v in result.items()}
+    test_metrics = dict(metrics)
     metrics.update({
         "train/steps": float(steps),
         "train/epochs": float(epochs),
@@ -149,9 +450,7 @@ def train(cfg: DictConfig, callbacks=()) -> dict[str, float]:
         "model/state_size": float(module.net.state_size(datamodule.task.seq_len)),
     })
     if logger:
-        hparams = {k: v if isinstance(v, (int, float, str, bool)) else str(v)
-                   for k, v in _flat(cfg).items() if not k.startswith(("trainer.", "logger."))}
-        logger.log_hyperparams(hparams, metrics={k: v for k, v in metrics.items() if k.startswith("test")})
+        logger.log_hyperparams(_hparams(cfg), metrics=test_metrics, step=steps)
         logger.finalize("success")
     _write_json(run_dir / "metrics.json", metrics)
     print(f"test/acc {metrics.get('test/acc', float('nan')):.4f}  ->  {run_dir / 'metrics.json'}", flush=True)
@@ -184,29 +483,57 @@ def _describe_compose_error(e: Exception, overrides, config_name="train") -> str
     return str(e).strip().splitlines()[0]
 
 
-def compose(overrides, config_name="train") -> DictConfig:
-    """Compose a config from `conf/` (for tests, sweeps and the pre-flight check), strict."""
-    GlobalHydra.instance().clear()
+def compose(overrides, config_name="train", hydra_config=False) -> DictConfig:
+    """Compose a config from `conf/` (for tests, sweeps and the pre-flight check), strict. Inside
+    @hydra.main it composes with the running app's Hydra (same conf/)."""
+    if GlobalHydra.instance().is_initialized():
+        return hydra.compose(config_name=config_name, overrides=list(overrides), return_hydra_config=hydra_config)
     with hydra.initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-        return hydra.compose(config_name=config_name, overrides=list(overrides))
+        return hydra.compose(config_name=config_name, overrides=list(overrides), return_hydra_config=hydra_config)
 
 
-def preflight(argv, config_name="train", check=build):
-    """Compose and build once before Hydra creates a run directory, so a user's mistake exits with
+def command_config(argv, config_name="train") -> DictConfig:
+    """The config that `python <script> argv` runs, without Hydra's flags: composed, with its run dir
+    (hydra.run.dir) and, for a resume, the run's own config (resume_config). ConfigError (or Hydra's
+    composition error) for a mistake."""
+    cfg = compose(argv, config_name, hydra_config=True)
+    with open_dict(cfg):
+        if "run_dir" in cfg and OmegaConf.is_interpolation(cfg, "run_dir"):
+            cfg.run_dir = os.path.abspath(cfg.hydra.run.dir)
+        del cfg["hydra"]
+    return resume_config(cfg, argv, config_name)
+
+
+def check(cfg: DictConfig) -> None:
+    """run.py's pre-flight check: the run builds and its run dir can take it."""
+    _, module = build(cfg)
+    check_run(cfg, module)
+
+
+def check_command(argv, config_name="train", check=check) -> None:
+    """Raise ConfigError, with one line, if `python <script> argv` would stop on a mistake."""
+    try:
+        cfg = command_config(argv, config_name)
+        with config_errors(""):
+            check(cfg)
+    except ConfigError:
+        raise
+    except (HydraException, OmegaConfBaseException, ValueError) as e:
+        raise ConfigError(_describe_compose_error(e, argv, config_name)) from e
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def preflight(argv, config_name="train", check=check):
+    """Check the command before Hydra creates a run directory, so that a user's mistake exits with
     one line and leaves nothing behind. Hydra's own flags (-m, --cfg, ...) skip this: Hydra then
     reports composition errors itself."""
     if any(a.startswith("-") for a in argv):
         return
     try:
-        cfg = compose(argv, config_name)
-        with config_errors(""):
-            check(cfg)
+        check_command(argv, config_name, check)
     except ConfigError as e:
         exit_user_error(str(e))
-    except (HydraException, OmegaConfBaseException, ValueError) as e:
-        exit_user_error(_describe_compose_error(e, argv, config_name))
-    finally:
-        GlobalHydra.instance().clear()
 
 
 def exit_user_error(message):
@@ -214,12 +541,36 @@ def exit_user_error(message):
     sys.exit(USER_ERROR_EXIT)
 
 
+def _config_groups(config_name: str) -> str:
+    """`group: option, ...` for the groups in conf/<config_name>.yaml's defaults (run.py --help); a
+    global preset (experiment/) is listed only when its keys are that config's."""
+    primary = OmegaConf.load(Path(CONF_DIR) / f"{config_name}.yaml")
+    groups = [next(iter(d)) for d in primary.defaults if isinstance(d, DictConfig) and "/" not in next(iter(d))]
+    keys = {*primary.keys(), *groups}
+    lines = []
+    for group in groups:
+        options = []
+        for path in sorted((Path(CONF_DIR) / group).glob("*.yaml")):
+            text = path.read_text()
+            if "@package _global_" in text.split("\n", 1)[0] and not set(OmegaConf.create(text)) <= keys:
+                continue
+            options.append(path.stem)
+        lines.append(f"{group}: {', '.join(options)}")
+    return "\n".join(lines)
+
+
+OmegaConf.register_new_resolver("config_groups", _config_groups, replace=True)
+
+
 @hydra.main(config_path="conf", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     try:
-        train(cfg)
+        train(resume_config(cfg, HydraConfig.get().overrides.task))
     except ConfigError as e:  # reached only when preflight was skipped (Hydra flags given)
         exit_user_error(str(e))
+    except Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(DIVERGED_EXIT)
 
 
 if __name__ == "__main__":

@@ -19,15 +19,12 @@ from sweeps import driver, report
 from sweeps.spec import load, split_args
 
 
-def main(argv=None, train=run.train):
-    """`train(cfg, callbacks=...) -> metrics` trains one trial (tests pass a cheap stand-in)."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if any(a in ("-h", "--help") for a in argv):
-        print(__doc__)
-        return
+def check_command(argv) -> None:
+    """Raise run.ConfigError, with one line, if `python sweep.py argv` would stop on a mistake: the
+    sweep config, and for action=run every cell of the grid built (sweeps.driver.check_cells)."""
     flags = [a for a in argv if a.startswith("-")]
     if flags:
-        run.exit_user_error(f"{flags[0]}: sweep.py takes no flags, only key=value overrides")
+        raise run.ConfigError(f"{flags[0]}: sweep.py takes no flags, only key=value overrides")
     sweep_args, train_args = split_args(argv)
 
     def check(cfg):
@@ -35,7 +32,20 @@ def main(argv=None, train=run.train):
         if cfg.action == "run":
             driver.check_cells(sweep)
 
-    run.preflight(sweep_args, config_name="sweep", check=check)
+    run.check_command(sweep_args, config_name="sweep", check=check)
+
+
+def main(argv=None, train=run.train):
+    """`train(cfg, callbacks=...) -> metrics` trains one trial (tests pass a cheap stand-in)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__)
+        return
+    try:
+        check_command(argv)
+    except run.ConfigError as e:
+        run.exit_user_error(str(e))
+    sweep_args, train_args = split_args(argv)
     cfg = run.compose(sweep_args, config_name="sweep")
     try:
         sweep = load(cfg, train_args)

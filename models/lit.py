@@ -79,6 +79,8 @@ class LitLM(L.LightningModule):
         weight_decay_on: "all" or "matrices" (see `configure_optimizers`).
     """
 
+    flops_per_batch = None  # ThroughputMonitor: FLOPs are not counted here; tokens/s is the measure
+
     def __init__(self, net: nn.Module, optimizer, scheduler=None, weight_decay_on="all"):
         super().__init__()
         if weight_decay_on not in WEIGHT_DECAY_ON:

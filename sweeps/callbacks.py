@@ -1,10 +1,9 @@
-"""Lightning callbacks a sweep adds to `run.train`: Optuna pruning on val accuracy, NaN guard.
+"""The Lightning callback a sweep adds to `run.train`: Optuna pruning on val accuracy (run.train
+itself stops a trial whose loss turns NaN: models.callbacks.FiniteLoss).
 
 Written here rather than taken from optuna-integration (a separate package) so that the sweep
 depends on optuna alone; the pruning one is a few lines on top of `trial.report/should_prune`.
 """
-import math
-
 import lightning as L
 import optuna
 
@@ -29,12 +28,3 @@ class OptunaPruning(L.Callback):
             raise optuna.TrialPruned(f"{self.monitor}={value:.4f} at step {step}: below the median "
                                      "of the other trials in this cell")
 
-
-class FiniteLoss(L.Callback):
-    """Fail the trial on the first non-finite training loss (a diverged learning rate), instead of
-    training on NaNs to the end and reporting chance accuracy as if it were a result."""
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None and not math.isfinite(float(loss)):
-            raise FloatingPointError(f"train/loss={float(loss)} at step {trainer.global_step}")

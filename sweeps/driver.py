@@ -18,7 +18,7 @@ import torch
 
 import run
 from sweeps import study as studies
-from sweeps.callbacks import FiniteLoss, OptunaPruning
+from sweeps.callbacks import OptunaPruning
 from sweeps.extrapolate import evaluate_lengths
 from sweeps.spec import Sweep, cell_name
 
@@ -107,7 +107,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, sweep: Sweep, train) -> 
     else:
         trial.set_user_attr("resumed_from", str(last))
     trial.set_user_attr("run_dir", str(run_dir))
-    callbacks = [FiniteLoss()]
+    callbacks = []
     if sweep.pruner is not None:
         callbacks.append(OptunaPruning(trial, sweep.pruner["monitor"]))
     print(f"[sweep {sweep.study_name}] trial {trial.number} {trial.user_attrs['slot']} -> {run_dir}",

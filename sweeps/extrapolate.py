@@ -26,7 +26,7 @@ def load_net(cfg: DictConfig, checkpoint: Path, max_seqlen: int):
     RoPE tables are not saved (they are recomputed for any length); a learned position table keeps
     its trained size.
     """
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
     weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
     extend = cfg.model.get("pos") != "learned"
     net = hydra.utils.instantiate(cfg.model, max_seqlen=max_seqlen if extend else cfg.model.max_seqlen)

@@ -1,8 +1,7 @@
 """`sweep.py`: the smoke sweep trains for real end to end, reports, feeds the notebook; every preset
 composes and builds; a bad sweep config fails fast in one line; the Optuna plumbing (pruning
-callback, NaN guard, per-cell TPE view) behaves."""
+callback, per-cell TPE view) behaves."""
 import csv
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 import run
 import sweep
 from sweeps import driver
-from sweeps.callbacks import FiniteLoss, OptunaPruning
+from sweeps.callbacks import OptunaPruning
 from sweeps.spec import from_overrides
 from sweeps.study import CellView
 
@@ -92,9 +91,13 @@ def test_a_study_made_with_other_train_settings_is_refused(smoke, capsys):
     assert "sweep.train: study 'smoke' was run with" in capsys.readouterr().err
 
 
+# A GPU preset on a machine without one is refused (run.check_trainer); CI builds it for the CPU.
+ON_THIS_MACHINE = [] if torch.cuda.is_available() else ["trainer=cpu"]
+
+
 @pytest.mark.parametrize("preset", PRESETS)
 def test_every_preset_composes_and_builds_every_cell(preset):
-    spec = from_overrides([f"sweep={preset}"])
+    spec = from_overrides([f"sweep={preset}", *ON_THIS_MACHINE])
     driver.check_cells(spec)
     assert spec.slots() and len({s.key for s in spec.slots()}) == len(spec.slots())
 
@@ -192,12 +195,6 @@ def test_pruning_callback_reports_val_acc_and_prunes_through_the_study_pruner():
     assert study.trials[0].intermediate_values == {10: pytest.approx(0.8)}
     with pytest.raises(optuna.TrialPruned, match="val/acc=0.2"):
         OptunaPruning(trial).on_validation_end(_trainer(0.2, step=20), None)
-
-
-def test_finite_loss_guard_fails_a_diverged_trial():
-    FiniteLoss().on_train_batch_end(_trainer(0), None, torch.tensor(1.0), None, 0)
-    with pytest.raises(FloatingPointError, match="train/loss=nan"):
-        FiniteLoss().on_train_batch_end(_trainer(0), None, {"loss": torch.tensor(math.nan)}, None, 0)
 
 
 def test_tpe_sees_only_the_trials_of_the_cell():

@@ -1,10 +1,16 @@
-"""Short end-to-end runs through `train(cfg)`: it learns, writes its artefacts, and resumes."""
+"""Short end-to-end runs through `train(cfg)`: it learns, writes its artefacts, resumes on the same
+schedule, and stops a diverged run before it saves a checkpoint of it."""
 import json
 
+import lightning as L
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
 
 import run
+from models.callbacks import Diverged, FiniteLoss
+from models.lit import warmup_cosine
 
 TINY = ["task.num_train=4000", "task.num_val=200", "task.num_test=200", "task.batch_size=64",
         "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=5"]
@@ -36,9 +42,19 @@ def test_mqar_learns(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "val/acc", "val/loss"} <= tags, tags
     assert any(t.startswith("lr-") for t in tags) and any("items_per_sec" in t for t in tags), tags
+    # The test metrics once, at the last step, with the settings (TensorBoard's HParams): typed,
+    # the trainer's included, nothing that is the run's own place.
+    assert [(e.step, e.value) for e in events.Scalars("test/acc")] == \
+        [(metrics["train/steps"], pytest.approx(metrics["test/acc"]))]
+    start = plugin_data_pb2.HParamsPluginData.FromString(
+        events.SummaryMetadata("_hparams_/session_start_info").plugin_data.content).session_start_info
+    assert start.hparams["trainer.max_epochs"].number_value == 10
+    assert start.hparams["model.mixer"].string_value == "mamba2"
+    assert start.hparams["trainer.enable_progress_bar"].bool_value is False
+    assert "ckpt_path" not in start.hparams and "run_dir" not in start.hparams
 
 
-def test_resume_continues_from_checkpoint(tmp_path):
+def test_resume_continues_from_checkpoint_on_the_longer_schedule(tmp_path):
     base = [*MQAR, "task.num_train=640", "model=mamba2", "model.d_model=32", "target_acc=null"]
     first = run.train(tiny(tmp_path, *base, "trainer.max_epochs=1"))
     steps_per_epoch = first["train/steps"]
@@ -46,6 +62,55 @@ def test_resume_continues_from_checkpoint(tmp_path):
     # Resumed at the end of epoch 1: only epoch 2's steps are run, the counter carries on.
     assert second["train/steps"] == 2 * steps_per_epoch
     assert second["train/epochs"] == 2
+    assert {p.name for p in (tmp_path / "checkpoints").iterdir()} == {"best.ckpt", "last.ckpt"}
+    # The schedule is a function of the step and the total: the first epoch followed the 1-epoch
+    # cosine, the resumed one the 2-epoch cosine from the step reached (README, "Resuming").
+    lr = run.compose(["run_dir=."]).optimizer.lr
+    events = EventAccumulator(str(tmp_path)).Reload()
+    (tag,) = [t for t in events.Tags()["scalars"] if t.startswith("lr-") and not t.endswith("pg2")]
+    logged = {e.step: e.value for e in events.Scalars(tag)}
+    for step, value in logged.items():
+        total = steps_per_epoch if step < steps_per_epoch else 2 * steps_per_epoch
+        factor = warmup_cosine(torch.optim.SGD([torch.zeros(1)], lr=1), int(total), 0.05).lr_lambdas[0]
+        assert value == pytest.approx(lr * factor(step)), (step, total)
+    assert any(step >= steps_per_epoch for step in logged)
+
+
+class PoisonAfter(L.Callback):
+    """Turns the embedding into NaNs after optimiser step `step`: every later loss is NaN."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                module.net.embedding.weight.fill_(float("nan"))
+
+
+@pytest.mark.parametrize("every", [5, 50], ids=["at-a-logging-step", "before-validation"])
+def test_a_diverged_run_stops_and_keeps_its_last_good_checkpoint(every, tmp_path):
+    # 10 steps an epoch; the loss is NaN from step 13, in epoch 2, read at step 15 (every 5) or
+    # before epoch 2's validation (every 50), which would have saved last.ckpt.
+    cfg = tiny(tmp_path, *MQAR, "task.num_train=640", "model=mamba2", "model.d_model=32", "target_acc=null",
+               "trainer.max_epochs=3", f"trainer.log_every_n_steps={every}")
+    with pytest.raises(Diverged, match=r"train/loss=nan at step 13: training diverged; lower optimizer.lr "
+                                       r"\(now 0.01\); its last good checkpoint: .*last.ckpt"):
+        run.train(cfg, callbacks=[PoisonAfter(12)])
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == 10
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values())
+    assert not (tmp_path / "metrics.json").exists()
+
+
+def test_the_nan_guard_does_not_read_the_loss_at_every_step():
+    """Meta tensors cannot be read on the host: the steps between logging steps never try."""
+    guard = FiniteLoss()
+    trainer = type("Trainer", (), {"log_every_n_steps": 5})()
+    for step in range(1, 5):
+        trainer.global_step = step
+        guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(float("nan"), device="meta")}, None, 0)
+    assert len(guard._losses) == 4
 
 
 def test_curriculum_runs_through_train(tmp_path):

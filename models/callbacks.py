@@ -1,0 +1,51 @@
+"""Lightning callbacks every training run uses (run.py adds them; a sweep's trials get them too)."""
+import lightning as L
+import torch
+
+
+class Diverged(FloatingPointError):
+    """The training loss became NaN or infinite: the run stops, its last checkpoint is from before."""
+
+
+class FiniteLoss(L.Callback):
+    """Stop training at the first non-finite training loss, naming its step and value.
+
+    No step waits for the host: each step's loss tensor is kept as it is (on its device) and the
+    kept ones are read together every `log_every_n_steps` steps (where logging reads the loss
+    anyway) and before every validation and epoch end. Checkpoints are saved only after those
+    (Lightning runs checkpoint callbacks last), so a diverged model is never saved: the run's
+    last.ckpt and best.ckpt stay those of the last validation before the loss went bad.
+    """
+
+    def __init__(self):
+        self._losses: list[tuple[int, torch.Tensor]] = []  # (global step, loss) since the last read
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs  # what training_step returned
+        if loss is not None:
+            self._losses.append((trainer.global_step, loss.detach()))
+        every = trainer.log_every_n_steps
+        if every and trainer.global_step % every == 0:
+            self._check(trainer)
+
+    def on_validation_start(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self._check(trainer)
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self._check(trainer)
+
+    def on_train_end(self, trainer, pl_module):
+        self._check(trainer)
+
+    def _check(self, trainer):
+        if not self._losses:
+            return
+        steps, losses = zip(*self._losses)
+        self._losses.clear()
+        bad = ~torch.isfinite(torch.stack(losses).float())
+        if not bad.any():  # the only host read: one per call, not one per step
+            return
+        first = int(bad.nonzero()[0])
+        raise Diverged(f"train/loss={float(losses[first])} at step {steps[first]}: training diverged; "
+                       "lower optimizer.lr")
