@@ -118,10 +118,10 @@ def _fits(value, hint) -> bool:
         return any(value == a and type(value) is type(a) for a in args)
     if hint is type(None):
         return value is None
-    if hint in (int, float, bool, str):
-        number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        return {int: isinstance(value, int) and not isinstance(value, bool), float: number,
-                bool: isinstance(value, bool), str: isinstance(value, str)}[hint]
+    if hint in (bool, str):
+        return isinstance(value, hint)
+    if hint in (int, float):  # a bool is no number here, an int is a float
+        return isinstance(value, int if hint is int else (int, float)) and not isinstance(value, bool)
     if origin in (list, tuple) or hint in (list, tuple):
         return isinstance(value, (list, tuple, ListConfig))
     return True
