@@ -1,0 +1,27 @@
+"""The default recipe learns MQAR at Zoology's vocabulary (V=8192) on a CPU, with every mixer.
+
+These are the CPU default jobs (`python run.py model=M task.vocab_size=8192`) under a step budget.
+Before the recipe followed the reference code (an untied LM head, GPT-2 init for the Mamba blocks,
+betas (0.9, 0.98), norms and biases spared from weight decay) the Mamba-2 job stayed at chance at
+V=8192 (val/acc 0.001, 0.000, 0.002, 0.001 over 4 epochs) while V=64 reached 0.99 in 3; README
+"Recipe" has the measurements for each choice.
+"""
+import pytest
+
+import run
+
+# Optimiser steps (313 an epoch) within which each default must reach 0.99 val accuracy at V=8192:
+# twice what the Mamba-2 and attention jobs took here (939 and about 1,250 steps, README "Recipe"),
+# and 10 epochs for Mamba-1. Each stops at 0.99, so a passing run costs what the model needs.
+BUDGET = {"attention": 2500, "mamba1": 3200, "mamba2": 1900}
+
+
+@pytest.mark.parametrize("model", list(BUDGET))
+def test_large_vocabulary_mqar_learns(model, tmp_path):
+    cfg = run.compose([f"model={model}", "task.vocab_size=8192", "trainer.accelerator=cpu",
+                       "trainer.enable_progress_bar=false", f"trainer.max_steps={BUDGET[model]}",
+                       f"run_dir={tmp_path}"])
+    metrics = run.train(cfg)
+    # Chance is 1/4096 (values are half the vocabulary); 1/K = 0.25 is a model that outputs some value
+    # seen in the context. 0.99 on held-out examples is recall.
+    assert metrics["test/acc"] >= 0.99, metrics
