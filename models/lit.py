@@ -43,6 +43,11 @@ def warmup_cosine(optimizer, total_steps, warmup_frac=0.1, min_lr_ratio=0.0):
 WEIGHT_DECAY_ON = ("all", "matrices")
 
 
+def check_weight_decay_on(weight_decay_on) -> None:
+    if weight_decay_on not in WEIGHT_DECAY_ON:
+        raise ValueError(f"weight_decay_on={weight_decay_on!r}: must be one of {', '.join(WEIGHT_DECAY_ON)}")
+
+
 def configure_optimizers(module: L.LightningModule, params, optimizer_factory, scheduler_factory=None,
                          weight_decay_on="all"):
     """AdamW-style `optimizer_factory` over `params` (the trainable ones), stepped per batch by
@@ -52,8 +57,7 @@ def configure_optimizers(module: L.LightningModule, params, optimizer_factory, s
         "matrices" spares norm gains, biases and the SSM's A_log / D / dt_bias (the parameters
         mamba_ssm marks `_no_weight_decay`), as GPT-style training scripts do.
     """
-    if weight_decay_on not in WEIGHT_DECAY_ON:
-        raise ValueError(f"weight_decay_on={weight_decay_on!r}: must be one of {', '.join(WEIGHT_DECAY_ON)}")
+    check_weight_decay_on(weight_decay_on)
     decay, no_decay = [], []
     for p in params:
         if not p.requires_grad:
@@ -83,8 +87,7 @@ class LitLM(L.LightningModule):
 
     def __init__(self, net: nn.Module, optimizer, scheduler=None, weight_decay_on="all"):
         super().__init__()
-        if weight_decay_on not in WEIGHT_DECAY_ON:
-            raise ValueError(f"weight_decay_on={weight_decay_on!r}: must be one of {', '.join(WEIGHT_DECAY_ON)}")
+        check_weight_decay_on(weight_decay_on)  # at build time, before anything is written
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler

@@ -3,6 +3,7 @@
 The task's parameters are validated when the module is built (before anything is generated or
 written); the data itself is generated in `setup`, from a different seed per split.
 """
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import lightning as L
@@ -35,7 +36,7 @@ def parse_curriculum(name: str, params: dict, curriculum) -> list[Stage]:
     Each stage is the task with its parameters overridden (validated now, so a bad stage fails
     before anything is generated); errors name the entry, `curriculum[i].key=value: ...`.
     """
-    if not isinstance(curriculum, (list, tuple)) and type(curriculum).__name__ != "ListConfig":
+    if not isinstance(curriculum, Sequence) or isinstance(curriculum, str):  # a list, or Hydra's ListConfig
         raise ValueError(f"curriculum={curriculum!r}: must be a list of stages "
                          f"like {{epochs: 4, num_kv_pairs: 8}}")
     if len(curriculum) > MAX_STAGES:
@@ -204,13 +205,11 @@ class TaskDataModule(L.LightningDataModule):
                 rank_zero_info(f"curriculum: epoch {epoch()} trains on stage {stage + 1}/"
                                f"{len(self.curriculum) + 1} ({what})")
         task, seed = self._train_task(stage)
-        if self.fresh_train:
-            stream = FreshBatches(task, self.sizes["train"], self.batch_size, seed, epoch)
-            self._train_stage = stage
-            return DataLoader(stream, batch_size=None)
-        if stage != self._train_stage:  # one stage's training set in memory at a time
+        if not self.fresh_train and stage != self._train_stage:  # one stage's training set in memory
             self.data["train"] = task.generate(self.sizes["train"], seed)
-            self._train_stage = stage
+        self._train_stage = stage
+        if self.fresh_train:
+            return DataLoader(FreshBatches(task, self.sizes["train"], self.batch_size, seed, epoch), batch_size=None)
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self):
