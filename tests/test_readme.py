@@ -149,8 +149,9 @@ def test_the_readme_sections_and_files_that_configs_and_code_name_exist():
     """`README "Presets"` in a config comment or a docstring names a heading of the README (or the
     start of one); `PAPERS.md` names a file of the repository (or of the folder that names it)."""
     headings = re.findall(r"^#+ (.+)$", README, re.M)
+    # The project's own files: not a virtual environment or other hidden folder inside the checkout.
     sources = [p for p in [*ROOT.glob("conf/**/*.yaml"), *ROOT.glob("*.py"), *ROOT.glob("*/**/*.py")]
-               if "tests" not in p.parts]
+               if "tests" not in p.parts and not any(part.startswith(".") for part in p.relative_to(ROOT).parts)]
     named = 0
     for path in sources:
         text = path.read_text()
