@@ -146,13 +146,16 @@ def test_bad_inputs_are_errors():
 
 
 def force_backend(monkeypatch, backend: str):
-    """Make every causal_conv1d call take `backend`, as "auto" does on a GPU for "triton"."""
+    """Make every causal_conv1d and gated_rms_norm call take `backend`, as "auto" does on a GPU for
+    "triton": the models call them with the default backend."""
     import importlib
 
     import kernels.conv1d
+    import kernels.gated_norm
 
     pick = (lambda module, _, x: importlib.import_module(module)) if backend == "triton" else (lambda *_: None)
     monkeypatch.setattr(kernels.conv1d, "load_backend", pick)
+    monkeypatch.setattr(kernels.gated_norm, "load_backend", pick)
 
 
 def test_auto_falls_back_to_the_reference_for_widths_the_kernels_do_not_take(monkeypatch):
@@ -161,6 +164,36 @@ def test_auto_falls_back_to_the_reference_for_widths_the_kernels_do_not_take(mon
     with pytest.warns(UserWarning, match=r"^width=5: .*; backend='auto' uses the PyTorch reference$"):
         out = causal_conv1d(x, weight, activation="silu")
     assert torch.equal(out, causal_conv1d_ref(x, weight, activation="silu"))
+
+
+def check_blocks_equal(block, u, monkeypatch, tol_out, tol_grad):
+    """A Mamba block's output and every parameter's gradient are the same with the conv (and Mamba-2's
+    norm) in Triton as in PyTorch: the kernels are wired in without transposes and with the right taps."""
+    results = {}
+    for backend in ("torch", "triton"):
+        force_backend(monkeypatch, backend)
+        out = block(u)
+        grads = torch.autograd.grad(out.square().sum(), list(block.parameters()))
+        results[backend] = (out, grads)
+    (out, grads), (out_ref, grads_ref) = results["triton"], results["torch"]
+    assert rel_err(out, out_ref) < tol_out
+    for (name, _), g, g_ref in zip(block.named_parameters(), grads, grads_ref):
+        assert rel_err(g, g_ref) < tol_grad, name
+
+
+def make_block(mixer: str, d_model: int, **mamba2):
+    from models.mamba1 import Mamba1
+    from models.mamba2 import Mamba2
+
+    torch.manual_seed(0)
+    block = Mamba1(d_model, d_state=4 if d_model < 64 else 16) if mixer == "mamba1" else Mamba2(d_model, **mamba2)
+    return block.to(DEVICE)
+
+
+@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+def test_mamba_blocks_equal_with_either_backend(mixer, monkeypatch):
+    block = make_block(mixer, 16, d_state=8, headdim=8, ngroups=2, chunk_size=8)
+    check_blocks_equal(block, torch.randn(2, 13, 16, device=DEVICE), monkeypatch, 1e-5, 1e-4)
 
 
 GPU_CASES = [Case(128, 256, c, 4, torch.bfloat16) for c in (256, 320, 640)] + [
@@ -208,3 +241,12 @@ def test_forward_backward_capture_in_cuda_graph():
     eager = step()
     for name, a, b in zip(["out", *names], outs, eager):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
+def test_mamba_blocks_equal_with_either_backend_gpu(mixer, monkeypatch):
+    """fp32, where only the conv and the norm change between the runs (the scans run their Triton kernels
+    in both, whose tf32 products turn the conv's last-bit differences into ~1e-5 ones)."""
+    block = make_block(mixer, 128, d_state=64, headdim=64, ngroups=1, chunk_size=256)
+    check_blocks_equal(block, torch.randn(4, 300, 128, device=DEVICE), monkeypatch, 1e-3, 1e-3)
