@@ -1,7 +1,8 @@
 """The Triton causal conv1d (kernels/conv1d/triton.py) against its PyTorch twin `causal_conv1d_ref` run
 in fp64 on the same (rounded) inputs: the output and the gradients of x, weight and bias with random
 upstream gradients, over widths 2-4, with and without bias and SiLU, x a strided slice of a packed
-projection; dispatch; CUDA-graph capture.
+projection; dispatch; CUDA-graph capture; and the Mamba blocks, which give the same outputs and
+parameter gradients with the conv and the gated norm in Triton as with their references.
 
 Unmarked tests run at tiny shapes on the CPU under TRITON_INTERPRET=1 (as CI runs them) or on a GPU:
 seqlen 37 and 40 channels span several of the interpreter's blocks (8 rows, 16 channels, backward
@@ -23,7 +24,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (INTERPRET or torch.cuda.is_available()):
     pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
-import kernels.conv1d.triton as conv_triton  # noqa: E402
 from kernels.conv1d.triton import causal_conv1d_triton  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
