@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.conv1d import causal_conv1d
 from kernels.selective_scan import selective_scan, selective_state_update
 
 
@@ -26,21 +27,6 @@ class MambaCache:
 
     conv_state: Tensor
     ssm_state: Tensor
-
-
-def causal_conv1d(x: Tensor, weight: Tensor, bias: Tensor | None, state: Tensor | None = None) -> Tensor:
-    """Depthwise causal convolution of x that continues from `state`.
-
-    x: (batch, channels, seqlen), weight: (channels, 1, width), state: (batch, channels, width − 1)
-    holds the inputs before x (None = zeros, a sequence start) and is overwritten with the last
-    width − 1 inputs, so that calling this chunk by chunk (or token by token) equals one call.
-    """
-    width = weight.shape[-1]
-    past = x.new_zeros(*x.shape[:2], width - 1) if state is None else state.to(x.dtype)
-    x = torch.cat([past, x], dim=-1)  # (b, c, width − 1 + l)
-    if state is not None:
-        state.copy_(x[..., x.shape[-1] - (width - 1) :])
-    return F.conv1d(x, weight, bias, groups=x.shape[1])
 
 
 def init_dt_bias(n: int, dt_min: float, dt_max: float, dt_init_floor: float) -> Tensor:
@@ -115,11 +101,13 @@ class Mamba1(nn.Module):
     def forward(self, x: Tensor, cache: MambaCache | None = None) -> Tensor:
         """x: (b, l, d_model). With a cache, continue from its state and leave the final state in it."""
         l = x.shape[1]
-        x, z = self.in_proj(x).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, l) each
-        x = F.silu(causal_conv1d(x, self.conv1d.weight, self.conv1d.bias, None if cache is None else cache.conv_state))
-        dt, B, C = self.x_proj(x.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, l, d_inner) each
+        conv_state = None if cache is None else cache.conv_state
+        x = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", conv_state)  # (b, l, d_inner)
+        dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = (dt @ self.dt_proj.weight.T).transpose(1, 2)  # (b, d_inner, l); its bias is added in the scan
         B, C = B.transpose(1, 2), C.transpose(1, 2)  # (b, N, l)
+        x, z = x.transpose(1, 2), z.transpose(1, 2)  # (b, d_inner, l), the scan's layout
         A = -torch.exp(self.A_log.float())  # (d_inner, N)
         D, dt_bias = self.D.float(), self.dt_proj.bias.float()
         if cache is None:
@@ -140,7 +128,7 @@ class Mamba1(nn.Module):
     def step(self, x: Tensor, cache: MambaCache) -> Tensor:
         """x: (b, d_model), the token after the cache's state -> (b, d_model)."""
         x, z = self.in_proj(x).chunk(2, dim=-1)  # (b, d_inner) each
-        x = F.silu(causal_conv1d(x[..., None], self.conv1d.weight, self.conv1d.bias, cache.conv_state)[..., 0])
+        x = causal_conv1d(x[:, None], self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", cache.conv_state)[:, 0]
         dt, B, C = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         dt = dt @ self.dt_proj.weight.T  # (b, d_inner)
         A = -torch.exp(self.A_log.float())

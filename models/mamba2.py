@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.conv1d import causal_conv1d
 from kernels.ssd import ssd_scan, ssd_step
-from models.mamba1 import MambaCache, causal_conv1d, check_dt_range, init_dt_bias
+from models.mamba1 import MambaCache, check_dt_range, init_dt_bias
 from models.norm import GatedRMSNorm
 
 
@@ -117,8 +118,8 @@ class Mamba2(nn.Module):
         """u: (b, l, d_model). With a cache, continue from its state and leave the final state in it."""
         z, xBC, dt = self._split(self.in_proj(u))  # (b, l, d_inner), (b, l, conv_dim), (b, l, H)
         conv_state = None if cache is None else cache.conv_state
-        xBC = F.silu(causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_state))
-        x, B, C = self._split_xbc(xBC.transpose(1, 2))  # (b, l, H, P), (b, l, G, N), (b, l, G, N)
+        xBC = causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu", conv_state)
+        x, B, C = self._split_xbc(xBC)  # (b, l, H, P), (b, l, G, N), (b, l, G, N)
         A = -torch.exp(self.A_log.float())  # (H,)
         scan = dict(D=self.D, dt_bias=self.dt_bias, dt_softplus=True)
         if cache is None:
@@ -138,8 +139,8 @@ class Mamba2(nn.Module):
         A (H,) fp32, B and C (b, l, G, N) after the conv.
         """
         z, xBC, dt = self._split(self.in_proj(u))
-        xBC = F.silu(causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias))
-        x, B, C = self._split_xbc(xBC.transpose(1, 2))
+        xBC = causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, "silu")
+        x, B, C = self._split_xbc(xBC)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         return z, x, dt, -torch.exp(self.A_log.float()), B, C
 
@@ -156,7 +157,8 @@ class Mamba2(nn.Module):
     def step(self, u: Tensor, cache: MambaCache) -> Tensor:
         """u: (b, d_model), the token after the cache's state -> (b, d_model)."""
         z, xBC, dt = self._split(self.in_proj(u))  # (b, d_inner), (b, conv_dim), (b, H)
-        xBC = F.silu(causal_conv1d(xBC[..., None], self.conv1d.weight, self.conv1d.bias, cache.conv_state)[..., 0])
+        weight, bias = self.conv1d.weight.squeeze(1), self.conv1d.bias
+        xBC = causal_conv1d(xBC[:, None], weight, bias, "silu", cache.conv_state)[:, 0]  # one token
         x, B, C = self._split_xbc(xBC)  # (b, H, P), (b, G, N), (b, G, N)
         A = -torch.exp(self.A_log.float())
         y = ssd_step(cache.ssm_state, x, dt, A, B, C, D=self.D, dt_bias=self.dt_bias, dt_softplus=True)

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kernels.conv1d import causal_conv1d
 from kernels.ssd import ssd_scan, ssd_step
-from models.mamba1 import MambaCache, causal_conv1d
+from models.mamba1 import MambaCache
 from models.mamba2 import Mamba2, materialize_ssd
 
 SILU_INV_ONE = 1.2784645  # silu(1.2784645) = 1.0000000 to fp32 precision
@@ -69,8 +70,8 @@ class DiscreteMamba2(Mamba2):
         The conv continues from `conv_state` (and updates it) when one is given.
         """
         z, xBC, dt = self._split(self.in_proj(u))
-        xBC = causal_conv1d(xBC.transpose(1, 2), self.conv1d.weight, self.conv1d.bias, conv_state)  # no activation
-        x, B, C = self._split_xbc(xBC.transpose(1, 2))
+        xBC = causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, None, conv_state)  # no activation
+        x, B, C = self._split_xbc(xBC)
         dt = F.softplus(dt.float() + self.dt_bias.float())
         return z, x, dt, -torch.exp(self.A_log.float()), B, C
 

@@ -1,8 +1,9 @@
 """Gated RMSNorm, the norm Mamba-2 applies between the SSD output and out_proj."""
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from kernels.gated_norm import gated_rms_norm
 
 
 class GatedRMSNorm(nn.Module):
@@ -10,6 +11,7 @@ class GatedRMSNorm(nn.Module):
 
     The gate comes before the norm (mamba_ssm's norm_before_gate=False). With ngroups > 1 Mamba-2
     normalises each group of heads separately, so a group's scale does not depend on the others.
+    Statistics in fp32; out in y's dtype (`kernels.gated_norm`: Triton on CUDA, PyTorch on CPU).
 
     y, z: (..., d)  ->  (..., d)
     """
@@ -21,9 +23,4 @@ class GatedRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        dtype = y.dtype
-        # Normalise in fp32: the mean of squares loses too much in bf16.
-        y = y.float() * F.silu(z.float())
-        y = y.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
-        y = y * torch.rsqrt(y.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y.flatten(-2) * self.weight.float()).to(dtype)
+        return gated_rms_norm(y, z, self.weight, self.group_size, self.eps)
