@@ -31,23 +31,23 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, ThroughputMonitor
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from models.callbacks import Diverged, FiniteLoss
+from models.callbacks import Diverged, FiniteLoss, Throughput
 from models.lit import LitLM
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 USER_ERROR_EXIT = 2
 DIVERGED_EXIT = 1
 # The top level of conf/train.yaml: an experiment preset that adds other keys belongs to another script.
-CONFIG_KEYS = ("task", "model", "trainer", "logger", "optimizer", "scheduler", "weight_decay_on", "seed",
-               "target_acc", "ckpt_path", "run_dir")
+CONFIG_KEYS = ("task", "model", "trainer", "logger", "optimizer", "scheduler", "weight_decay_on", "cuda_graph",
+               "seed", "target_acc", "ckpt_path", "run_dir")
 # What a resume may change: how long the run trains, where, and how it reports. Anything else
 # would make it another run. The first two may grow, not shrink.
 LONGER = ("trainer.max_epochs", "trainer.max_steps")
-MAY_CHANGE = (*LONGER, "target_acc", "trainer.accelerator", "trainer.enable_progress_bar",
+MAY_CHANGE = (*LONGER, "target_acc", "cuda_graph", "trainer.accelerator", "trainer.enable_progress_bar",
               "trainer.log_every_n_steps", "trainer.enable_model_summary")
 # Where the run is, what it resumes from and where it logs (logger.save_dir is the run dir) are the
 # command's: never compared with the saved config.
@@ -173,6 +173,10 @@ def make_trainer(trainer_cfg: DictConfig, **kwargs) -> L.Trainer:
     would get every redraw)."""
     if trainer_cfg.get("enable_progress_bar") is None:
         kwargs.setdefault("enable_progress_bar", sys.stdout.isatty())
+    if kwargs.get("enable_progress_bar", trainer_cfg.get("enable_progress_bar")):
+        # Redrawn at logging steps only: each redraw reads the loss, which waits for the GPU.
+        every = trainer_cfg.get("log_every_n_steps") or 1
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), TQDMProgressBar(refresh_rate=every)]
     return hydra.utils.instantiate(trainer_cfg, **kwargs)
 
 
@@ -202,8 +206,11 @@ def build(cfg: DictConfig):
     if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
         raise ConfigError(f"target_acc={target!r}: must be a number in (0, 1], or null")
     check_trainer(cfg.trainer)
+    if cfg.cuda_graph and str(cfg.trainer.get("precision")) in ("16", "16-mixed"):
+        raise ConfigError(f"cuda_graph=true: not with trainer.precision={cfg.trainer.precision} (its loss scaling "
+                          "happens outside the graph); allowed: trainer.precision=bf16-mixed or 32-true, or cuda_graph=false")
     with config_errors(""):
-        module = LitLM(net, optimizer, scheduler, weight_decay_on=cfg.weight_decay_on)
+        module = LitLM(net, optimizer, scheduler, weight_decay_on=cfg.weight_decay_on, cuda_graph=cfg.cuda_graph)
     return datamodule, module
 
 
@@ -372,16 +379,16 @@ def _write_json(path: Path, obj):
 
 
 def _callbacks(cfg, run_dir):
-    tokens = ThroughputMonitor(batch_size_fn=lambda b: b["inputs"].shape[0],
-                               length_fn=lambda b: b["inputs"].numel())
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc",
                                  mode="max", save_top_k=1, save_last=True)
     # Early stop is a threshold, not a plateau: patience is effectively infinite. Always present (a
     # null target never stops), so that a resume may change target_acc and still restore its state.
     target = float(cfg.target_acc) if cfg.target_acc is not None else None
+    # Not strict: a run stopped by trainer.max_steps before its first validation has no val/acc.
     stop = EarlyStopping(monitor="val/acc", mode="max", patience=10**9, stopping_threshold=target,
-                         check_finite=True)
-    return checkpoint, [checkpoint, LearningRateMonitor(logging_interval="step"), tokens, stop, FiniteLoss()]
+                         check_finite=True, strict=False)
+    # Throughput after FiniteLoss: it times the logging interval once FiniteLoss has waited for the GPU.
+    return checkpoint, [checkpoint, LearningRateMonitor(logging_interval="step"), stop, FiniteLoss(), Throughput()]
 
 
 def _hparams(cfg: DictConfig) -> dict:

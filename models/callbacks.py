@@ -1,4 +1,6 @@
 """Lightning callbacks every training run uses (run.py adds them; a sweep's trials get them too)."""
+import time
+
 import lightning as L
 import torch
 
@@ -49,3 +51,29 @@ class FiniteLoss(L.Callback):
         first = int(bad.nonzero()[0])
         raise Diverged(f"train/loss={float(losses[first])} at step {steps[first]}: training diverged; "
                        "lower optimizer.lr")
+
+
+class Throughput(L.Callback):
+    """`train/tokens_per_sec` over each logging interval (`trainer.log_every_n_steps` steps).
+
+    Lightning's ThroughputMonitor synchronises the GPU after every step to time it; this reads the
+    clock only at logging steps, after `FiniteLoss` (listed before it) has waited for the device,
+    so both ends of an interval are measured with the GPU's queue drained. Validation is left out.
+    """
+
+    def __init__(self):
+        self._start, self._tokens = None, 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._tokens += batch["inputs"].numel()
+        every = trainer.log_every_n_steps
+        if not every or trainer.global_step % every:
+            return
+        now = time.perf_counter()
+        if self._start is not None:
+            for logger in trainer.loggers:
+                logger.log_metrics({"train/tokens_per_sec": self._tokens / (now - self._start)}, trainer.global_step)
+        self._start, self._tokens = now, 0
+
+    def on_validation_start(self, trainer, pl_module):
+        self._start, self._tokens = None, 0

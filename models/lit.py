@@ -10,12 +10,16 @@ Metrics, per stage (train / val / test, and each extra test set such as `test@se
     {stage}/acc@{slice}={value}   token accuracy restricted to examples with that slice value
 """
 import math
+from collections import Counter
+
 import lightning as L
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import MeanMetric
+
+from tasks.base import IGNORE
 
 
 def warmup_cosine(optimizer, total_steps, warmup_frac=0.1, min_lr_ratio=0.0):
@@ -38,6 +42,13 @@ def warmup_cosine(optimizer, total_steps, warmup_frac=0.1, min_lr_ratio=0.0):
         return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
     return LambdaLR(optimizer, factor)
+
+
+def scored_logits(net: nn.Module, inputs: Tensor, positions: Tensor) -> Tensor:
+    """net's logits at `positions` only: inputs (b, l), positions (b, S) -> (b, S, V) fp32."""
+    h = net.hidden(inputs)  # (b, l, d)
+    h = h.gather(1, positions[..., None].expand(-1, -1, h.shape[-1]))  # (b, S, d)
+    return net.head(h).float()
 
 
 WEIGHT_DECAY_ON = ("all", "matrices")
@@ -83,16 +94,20 @@ class LitLM(L.LightningModule):
         weight_decay_on: "all" or "matrices" (see `configure_optimizers`).
     """
 
-    flops_per_batch = None  # ThroughputMonitor: FLOPs are not counted here; tokens/s is the measure
-
-    def __init__(self, net: nn.Module, optimizer, scheduler=None, weight_decay_on="all"):
+    def __init__(self, net: nn.Module, optimizer, scheduler=None, weight_decay_on="all", cuda_graph=False):
         super().__init__()
         check_weight_decay_on(weight_decay_on)  # at build time, before anything is written
+        if not isinstance(cuda_graph, bool):
+            raise ValueError(f"cuda_graph={cuda_graph!r}: must be true or false")
         self.net = net
         self.optimizer_factory = optimizer
         self.scheduler_factory = scheduler
         self.weight_decay_on = weight_decay_on
+        self.cuda_graph = cuda_graph
         self.metrics = nn.ModuleDict()  # "{stage}/{name}" -> MeanMetric, created in setup
+        self._graphs: dict[tuple, CapturedStep] = {}  # batch shapes -> that step's graph
+        self._eager_steps: Counter = Counter()  # batch shapes -> eager steps taken at them
+        self._replayed = False  # this step's backward already ran, in its graph
 
     # -- metrics ---------------------------------------------------------------------------------
     def setup(self, stage):
@@ -111,36 +126,31 @@ class LitLM(L.LightningModule):
         return f"{stage}/{name}"
 
     def _scored(self, batch):
-        """Loss and correctness at scored positions only.
+        """Loss and correctness at the scored positions, with static shapes (no host sync).
 
-        Returns: loss (scalar), correct (s,) bool, example (s,) index of each scored position's
-        example, n_examples.
+        Returns: loss (scalar), correct (b, S) bool, valid (b, S) bool: S is the batch's row of
+        scored positions (`tasks.data.scored`), valid marks the real ones among them.
         """
-        inputs, labels = batch["inputs"], batch["labels"]  # (b, l), (b, l)
-        mask = labels != -100
-        example, position = mask.nonzero(as_tuple=True)  # (s,), (s,)
-        h = self.net.hidden(inputs)  # (b, l, d)
-        logits = self.net.head(h[example, position]).float()  # (s, V)
-        target = labels[example, position]
-        loss = F.cross_entropy(logits, target)
-        correct = logits.argmax(-1) == target
-        return loss, correct, example, inputs.shape[0]
+        logits = scored_logits(self.net, batch["inputs"], batch["positions"])  # (b, S, V)
+        targets = batch["targets"]  # (b, S)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        valid = targets != IGNORE
+        correct = (logits.argmax(-1) == targets) & valid
+        return loss, correct, valid
 
-    def _update(self, stage, batch, loss, correct, example, n_examples):
+    def _update(self, stage, batch, loss, correct, valid):
         m = self.metrics
-        m[self._key(stage, "loss")].update(loss.detach(), weight=correct.numel())
-        m[self._key(stage, "acc")].update(correct.float())
-        wrong = torch.zeros(n_examples, device=correct.device).index_add_(0, example, (~correct).float())
-        m[self._key(stage, "exact")].update((wrong == 0).float())
+        m[self._key(stage, "loss")].update(loss.detach(), weight=valid.sum())
+        m[self._key(stage, "acc")].update(correct.float(), weight=valid.float())
+        m[self._key(stage, "exact")].update((correct | ~valid).all(-1).float())
         for key, values in batch.items():
             if not key.startswith("slice/"):
                 continue
             name = key.removeprefix("slice/")
-            per_token = values[example]  # (s,)
             for v in values.unique().tolist():
                 metric_key = self._key(stage, f"acc@{name}={v}")
                 if metric_key in m:
-                    m[metric_key].update(correct[per_token == v].float())
+                    m[metric_key].update(correct.float(), weight=(valid & (values == v)[:, None]).float())
 
     def _log_epoch(self, stage):
         for key, metric in self.metrics.items():
@@ -150,9 +160,15 @@ class LitLM(L.LightningModule):
 
     # -- steps -----------------------------------------------------------------------------------
     def training_step(self, batch, batch_idx):
-        loss, correct, _, _ = self._scored(batch)
+        graph = self._graph_for(batch) if self._capturing() else None
+        if graph is None:
+            loss, correct, valid = self._scored(batch)
+            acc = correct.sum() / valid.sum()
+        else:
+            loss, acc = graph(batch)
+            self._replayed = True
         self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", correct.float().mean(), prog_bar=True)
+        self.log("train/acc", acc, prog_bar=True)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -169,7 +185,85 @@ class LitLM(L.LightningModule):
         for stage in self.trainer.datamodule.test_names:
             self._log_epoch(stage)
 
+    # -- the captured training step ---------------------------------------------------------------
+    def _capturing(self) -> bool:
+        """Whether training steps run as CUDA graphs: asked for, on one GPU, one batch per step.
+        (Several processes would need the gradients' all-reduce inside the graph.)"""
+        t = self.trainer
+        return self.cuda_graph and self.device.type == "cuda" and t.world_size == 1 and t.accumulate_grad_batches == 1
+
+    def _graph_for(self, batch) -> "CapturedStep | None":
+        """The graph of this batch's shapes, captured after WARMUP_STEPS eager steps at those shapes
+        (they compile and autotune the Triton kernels, which must not happen inside a capture, and
+        make the gradients)."""
+        key = tuple((k, *batch[k].shape) for k in CapturedStep.INPUTS)
+        if key not in self._graphs:
+            if self._eager_steps[key] < CapturedStep.WARMUP_STEPS:
+                self._eager_steps[key] += 1
+                return None
+            self._graphs[key] = CapturedStep(self, batch)
+        return self._graphs[key]
+
+    def optimizer_zero_grad(self, epoch, batch_idx, optimizer):
+        if not self._replayed:  # a replayed graph has zeroed and refilled the gradients itself
+            super().optimizer_zero_grad(epoch, batch_idx, optimizer)
+
+    def backward(self, loss, *args, **kwargs):
+        if self._replayed:  # the graph ran this step's backward
+            self._replayed = False
+            return
+        super().backward(loss, *args, **kwargs)
+
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
         return configure_optimizers(self, self.net.parameters(), self.optimizer_factory, self.scheduler_factory,
                                     self.weight_decay_on)
+
+
+class CapturedStep:
+    """One training step's forward and backward at one batch shape, captured as a CUDA graph.
+
+    A small model's eager step is hundreds of small kernels, each paid for in host time; a graph
+    replays them in one launch. The optimiser step, clipping and the schedule stay Lightning's
+    (eager, a few kernels), so checkpoints, resume and every callback see an ordinary step.
+
+    The graph reads the batch from its own static input tensors (the batch is copied in) and leaves
+    the loss and accuracy in static outputs (copied out, since the next replay overwrites them). It
+    zeroes the parameters' gradients and accumulates into gradient tensors it owns: before each
+    replay they are put back as the parameters' `.grad`, since Lightning sets gradients to None
+    (before each validation, say), and a graph writing into freed memory would corrupt the run.
+    Lightning's autocast (bf16-mixed) is re-entered inside with its weight-cast cache off: a cached
+    cast would be baked into the graph and go stale as the weights change.
+    """
+
+    INPUTS = ("inputs", "positions", "targets")
+    WARMUP_STEPS = 2
+
+    def __init__(self, module: LitLM, batch: dict):
+        self.inputs = {k: batch[k].clone() for k in self.INPUTS}
+        # The parameters the loss reaches: those the eager warm-up steps gave a gradient.
+        self.params = [p for p in module.parameters() if p.grad is not None]
+        self.grads = [p.grad for p in self.params]
+        device = batch["inputs"].device.type
+        autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
+                        dtype=torch.get_autocast_dtype(device), cache_enabled=False)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            torch._foreach_zero_(self.grads)
+            with torch.autocast(**autocast):
+                loss, correct, valid = module._scored(self.inputs)
+            with torch.autocast(device, enabled=False):  # as Lightning's backward, outside autocast
+                loss.backward()
+            self.loss, self.acc = loss.detach(), correct.sum() / valid.sum()
+
+    def _attach_grads(self):
+        for p, g in zip(self.params, self.grads):
+            if p.grad is not g:
+                p.grad = g
+
+    def __call__(self, batch: dict) -> tuple[Tensor, Tensor]:
+        for k, v in self.inputs.items():
+            v.copy_(batch[k])
+        self._attach_grads()
+        self.graph.replay()
+        return self.loss.clone(), self.acc.clone()

@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.attention import Attention
-from models.lit import LitLM, configure_optimizers
+from models.lit import LitLM, configure_optimizers, scored_logits
 from models.lm import LM
 from models.mamba2_discrete import DiscreteMamba2
+from tasks.base import IGNORE
 
 STUDENT_MIXERS = ("mamba2", "discrete")
 
@@ -209,18 +210,20 @@ class KnowledgeDistillation(_FrozenTeacher, LitLM):
         self.temperature, self.hard_weight = float(temperature), float(hard_weight)
 
     def training_step(self, batch, batch_idx):
-        inputs, labels = batch["inputs"], batch["labels"]  # (b, l), (b, l)
-        example, position = (labels != -100).nonzero(as_tuple=True)  # (s,), (s,)
-        logits = self.net.head(self.net.hidden(inputs)[example, position]).float()  # (s, V)
+        inputs, positions, targets = batch["inputs"], batch["positions"], batch["targets"]  # (b, l), (b, S), (b, S)
+        valid = (targets != IGNORE).flatten()  # (b·S,)
+        logits = scored_logits(self.net, inputs, positions).flatten(0, 1)  # (b·S, V)
         with torch.no_grad():
-            target = self.teacher.head(self.teacher.hidden(inputs)[example, position]).float()
+            target = scored_logits(self.teacher, inputs, positions).flatten(0, 1)
         tau = self.temperature
-        kd = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(target / tau, -1), log_target=True,
-                      reduction="batchmean") * tau**2
-        hard = F.cross_entropy(logits, labels[example, position])
+        kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(target / tau, -1), log_target=True,
+                      reduction="none").sum(-1)  # (b·S,)
+        kd = (kl * valid).sum() / valid.sum() * tau**2  # the mean over scored positions
+        hard = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE)
         loss = (1 - self.hard_weight) * kd + self.hard_weight * hard
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/kd", kd)
         self.log("train/ce", hard)
-        self.log("train/acc", (logits.argmax(-1) == labels[example, position]).float().mean(), prog_bar=True)
+        correct = (logits.argmax(-1) == targets.flatten()) & valid
+        self.log("train/acc", correct.sum() / valid.sum(), prog_bar=True)
         return loss

@@ -9,10 +9,11 @@ from dataclasses import dataclass
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, IterableDataset
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset
 
 from tasks import make_task
-from tasks.base import Task, TaskData, check_positive_int
+from tasks.base import IGNORE, Task, TaskData, check_positive_int
 
 # Each split draws from its own seed so train, val and test never share a stream; curriculum
 # stage i trains on seed offset CURRICULUM_SEED_OFFSET + i.
@@ -61,19 +62,62 @@ def parse_curriculum(name: str, params: dict, curriculum) -> list[Stage]:
     return stages
 
 
-class TaskDataset(Dataset):
-    """Examples of one `TaskData` as dicts: inputs (L,), labels (L,), and one scalar per slice."""
+def scored(labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The scored positions of each example as fixed-size rows, so a training step gathers them with
+    static shapes (no `nonzero`, which waits for the device and gives a data-dependent size).
 
-    def __init__(self, data: TaskData):
-        self.data = data
+    labels: (n, l) -> positions (n, S) int64 and targets (n, S) int64, S = the most scored positions
+    of any example; rows with fewer are padded with position 0 and target IGNORE.
+    """
+    mask = labels != IGNORE  # (n, l)
+    S = int(mask.sum(1).max()) if labels.numel() else 0
+    # A stable sort puts each row's scored positions first, in order.
+    positions = (~mask).to(torch.int8).argsort(dim=1, stable=True)[:, :S]  # (n, S)
+    targets = labels.gather(1, positions)
+    valid = mask.gather(1, positions)
+    return positions.masked_fill(~valid, 0), targets.masked_fill(~valid, IGNORE)
+
+
+def batch_tensors(data: TaskData) -> dict[str, Tensor]:
+    """What a batch holds, per example: inputs (l,), labels (l,), positions (S,), targets (S,) (see
+    `scored`) and one scalar per slice (`slice/<name>`)."""
+    positions, targets = scored(data.labels)
+    return {"inputs": data.inputs, "labels": data.labels, "positions": positions, "targets": targets,
+            **{f"slice/{k}": v for k, v in data.slices.items()}}
+
+
+class Batches:
+    """Batches of a dataset that is held whole as tensors on the training device: a batch is rows
+    taken by index, so a step needs no collation and no host-to-device copy.
+
+    Shuffled, epoch e's order is a permutation drawn from (seed, e) alone, so a resumed run sees
+    the order the uninterrupted run would have. Under several processes (DDP) each takes every
+    `world`-th example of that order, padded by wrapping so that every process has as many
+    batches (as Lightning's DistributedSampler does).
+    """
+
+    def __init__(self, tensors: dict[str, Tensor], batch_size: int, shuffle: bool = False, seed: int = 0,
+                 epoch_fn=lambda: 0, rank: int = 0, world: int = 1):
+        self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
+        self.seed, self.epoch_fn, self.rank, self.world = seed, epoch_fn, rank, world
+        self.total = next(iter(tensors.values())).shape[0]
+        self.n = -(-self.total // world)  # examples per process
 
     def __len__(self):
-        return self.data.inputs.shape[0]
+        return -(-self.n // self.batch_size)
 
-    def __getitem__(self, i):
-        item = {"inputs": self.data.inputs[i], "labels": self.data.labels[i]}
-        item.update({f"slice/{k}": v[i] for k, v in self.data.slices.items()})
-        return item
+    def __iter__(self):
+        if self.shuffle:
+            generator = torch.Generator().manual_seed((self.seed * 1_000_003 + self.epoch_fn()) % 2**63)
+            order = torch.randperm(self.total, generator=generator)
+        else:
+            order = torch.arange(self.total)
+        if self.world > 1:
+            order = order.repeat(-(-self.n * self.world // self.total))[: self.n * self.world][self.rank :: self.world]
+        order = order.to(next(iter(self.tensors.values())).device)  # one copy an epoch
+        for start in range(0, self.n, self.batch_size):
+            rows = order[start : start + self.batch_size]
+            yield {k: v[rows] for k, v in self.tensors.items()}
 
 
 class FreshBatches(IterableDataset):
@@ -95,9 +139,7 @@ class FreshBatches(IterableDataset):
         for i in range(len(self)):
             n = min(self.batch_size, self.num_examples - i * self.batch_size)
             seed = (self.seed * 1_000_003 + epoch) * 1_000_003 + i
-            data = self.task.generate(n, seed % 2**63)
-            yield {"inputs": data.inputs, "labels": data.labels,
-                   **{f"slice/{k}": v for k, v in data.slices.items()}}
+            yield batch_tensors(self.task.generate(n, seed % 2**63))
 
 
 class TaskDataModule(L.LightningDataModule):
@@ -143,6 +185,7 @@ class TaskDataModule(L.LightningDataModule):
             self.test_tasks[seq_len] = make_task(name, **{**params, "seq_len": seq_len})
         self.vocab_size = self.task.vocab_size
         self.data: dict[str, TaskData] = {}
+        self._on_device: dict[str, tuple[TaskData, dict]] = {}  # split -> (its data, as batch tensors on the device)
 
     def _seed(self, split):
         return self.seed * 100 + SPLIT_SEED_OFFSET[split]
@@ -187,13 +230,24 @@ class TaskDataModule(L.LightningDataModule):
                 values.setdefault(k, set()).update(v.unique().tolist())
         return {k: sorted(v) for k, v in values.items()}
 
+    def _epoch(self) -> int:
+        return self.trainer.current_epoch if self.trainer is not None else 0
+
     def _loader(self, split, shuffle=False, batch_size=None):
-        return DataLoader(TaskDataset(self.data[split]), batch_size=batch_size or self.batch_size,
-                          shuffle=shuffle, drop_last=False)
+        """`Batches` of split `split`, its tensors moved to the Trainer's device once. The shuffled
+        order follows the run's `seed` (torch's global seed, which Lightning's seed_everything sets)."""
+        trainer = self.trainer
+        device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
+        data, tensors = self._on_device.get(split, (None, None))
+        if data is not self.data[split] or next(iter(tensors.values())).device != device:
+            tensors = {k: v.to(device) for k, v in batch_tensors(self.data[split]).items()}
+            self._on_device[split] = (self.data[split], tensors)
+        shard = {"rank": trainer.global_rank, "world": trainer.world_size} if trainer is not None else {}
+        return Batches(tensors, batch_size or self.batch_size, shuffle=shuffle, seed=torch.initial_seed(),
+                       epoch_fn=self._epoch, **shard)
 
     def train_dataloader(self):
-        epoch = lambda: self.trainer.current_epoch if self.trainer is not None else 0
-        stage = self.stage_at(epoch())
+        stage = self.stage_at(self._epoch())
         if self.curriculum:
             reload = self.trainer.reload_dataloaders_every_n_epochs if self.trainer is not None else 1
             if reload != 1:
@@ -202,14 +256,14 @@ class TaskDataModule(L.LightningDataModule):
             if stage != self._train_stage:
                 what = ("the task" if stage == len(self.curriculum)
                         else ", ".join(f"{k}={v}" for k, v in self.curriculum[stage].overrides.items()))
-                rank_zero_info(f"curriculum: epoch {epoch()} trains on stage {stage + 1}/"
+                rank_zero_info(f"curriculum: epoch {self._epoch()} trains on stage {stage + 1}/"
                                f"{len(self.curriculum) + 1} ({what})")
         task, seed = self._train_task(stage)
         if not self.fresh_train and stage != self._train_stage:  # one stage's training set in memory
             self.data["train"] = task.generate(self.sizes["train"], seed)
         self._train_stage = stage
         if self.fresh_train:
-            return DataLoader(FreshBatches(task, self.sizes["train"], self.batch_size, seed, epoch), batch_size=None)
+            return DataLoader(FreshBatches(task, self.sizes["train"], self.batch_size, seed, self._epoch), batch_size=None)
         return self._loader("train", shuffle=True)
 
     def val_dataloader(self):

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from tasks.base import IGNORE
-from tasks.data import TaskDataModule
+from tasks.data import Batches, TaskDataModule, scored
 
 MQAR = dict(name="mqar", vocab_size=64, seq_len=32, num_kv_pairs=6, batch_size=16, num_train=64, num_val=32,
             num_test=32)
@@ -18,7 +18,8 @@ def scored_per_example(batch) -> set[int]:
 
 def at_epoch(dm, epoch, reload=1):
     """Attach a stand-in trainer at `epoch`, as Lightning's is when it rebuilds the loader."""
-    dm.trainer = SimpleNamespace(current_epoch=epoch, reload_dataloaders_every_n_epochs=reload)
+    dm.trainer = SimpleNamespace(current_epoch=epoch, reload_dataloaders_every_n_epochs=reload, global_rank=0,
+                                 world_size=1, strategy=SimpleNamespace(root_device=torch.device("cpu")))
     return dm
 
 
@@ -53,8 +54,8 @@ def test_curriculum_stage_is_a_function_of_the_epoch():
 def test_no_curriculum_is_the_task_every_epoch():
     dm = TaskDataModule(**MQAR)
     dm.setup()
-    first = at_epoch(dm, 0, reload=0).train_dataloader().dataset.data.inputs
-    assert torch.equal(at_epoch(dm, 5, reload=0).train_dataloader().dataset.data.inputs, first)
+    first = at_epoch(dm, 0, reload=0).train_dataloader().tensors["inputs"]
+    assert torch.equal(at_epoch(dm, 5, reload=0).train_dataloader().tensors["inputs"], first)
 
 
 def test_curriculum_with_fresh_data():
@@ -86,3 +87,28 @@ BAD = {
 def test_bad_curriculum(curriculum, match):
     with pytest.raises(ValueError, match=match):
         TaskDataModule(**MQAR, curriculum=curriculum)
+
+
+def test_scored_positions_are_each_examples_labelled_positions_in_order():
+    labels = torch.full((3, 8), IGNORE)
+    labels[0, [1, 4, 6]] = torch.tensor([7, 8, 9])
+    labels[1, [0]] = 5  # fewer than the others: padded
+    positions, targets = scored(labels)
+    assert positions.tolist() == [[1, 4, 6], [0, 0, 0], [0, 0, 0]]
+    assert targets.tolist() == [[7, 8, 9], [5, IGNORE, IGNORE], [IGNORE] * 3]
+
+
+def test_batches_cover_every_example_once_in_an_order_of_seed_and_epoch():
+    n, epoch = 10, [0]
+    tensors = {"inputs": torch.arange(n)[:, None].repeat(1, 3)}
+    batches = Batches(tensors, batch_size=4, shuffle=True, seed=3, epoch_fn=lambda: epoch[0])
+    order = lambda b: torch.cat([x["inputs"][:, 0] for x in b]).tolist()
+    first = order(batches)
+    assert len(batches) == 3 and sorted(first) == list(range(n)) and first != list(range(n))
+    assert order(batches) == first  # the same epoch: the same order (a resumed run sees it again)
+    epoch[0] = 1
+    assert order(batches) != first
+    assert order(Batches(tensors, batch_size=4)) == list(range(n))  # unshuffled: in order
+    # Two processes: disjoint halves of the same order, padded to equal length by wrapping.
+    shards = [order(Batches(tensors, 4, shuffle=True, seed=3, epoch_fn=lambda: 1, rank=r, world=3)) for r in range(3)]
+    assert [len(s) for s in shards] == [4, 4, 4] and set(sum(shards, [])) == set(range(n))

@@ -18,6 +18,7 @@ from models.attention import Attention
 from models.lm import LM
 from models.mamba2 import Mamba2
 from models.mamba2_discrete import DiscreteMamba2
+from tasks.data import scored
 from models.mohawk import (KnowledgeDistillation, block_inputs, block_with_mixer, hidden_errors, make_student,
                            matrix_errors, transfer_weights)
 
@@ -252,7 +253,7 @@ def test_stage3_kd_loss():
     teacher, x = teacher_lm(), ids(batch=4, seqlen=12)
     labels = torch.full_like(x, -100)
     labels[:, 6:] = x[:, :6]  # some scored positions
-    batch = {"inputs": x, "labels": labels}
+    batch = {"inputs": x, "labels": labels, **dict(zip(("positions", "targets"), scored(labels)))}
     # A copy of the teacher has nothing left to learn: KL = 0, whatever the temperature.
     same = KnowledgeDistillation(copy.deepcopy(teacher), teacher, None, temperature=2.0)
     same.log = lambda *a, **k: None

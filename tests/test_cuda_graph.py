@@ -1,0 +1,63 @@
+"""The captured training step (`models.lit.CapturedStep`): on the GPU it trains as the eager step does,
+through validations, partial last batches and Lightning's gradient resets; elsewhere it is off."""
+import lightning as L
+import pytest
+import torch
+
+import run
+
+# 3,000 examples in batches of 64: 46 full batches and one of 56, so over 200 steps both shapes get
+# captured, and 4 validations (each resets the gradients to None) fall between replays.
+STEPS = 200
+SMALL = ["task.vocab_size=8192", "task.num_train=3000", "task.num_val=256", "task.num_test=256",
+         f"trainer.max_steps={STEPS}", "trainer.max_epochs=100", "target_acc=null",
+         "trainer.enable_progress_bar=false"]
+
+
+class Losses(L.Callback):
+    """Every step's training loss, and how many graphs the module held at the end."""
+
+    def __init__(self):
+        self.losses, self.graphs = [], None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self.losses.append(outputs["loss"].detach())
+
+    def on_train_end(self, trainer, pl_module):
+        self.graphs = len(pl_module._graphs)
+
+
+def curve(tmp_path, name, *overrides):
+    losses = Losses()
+    metrics = run.train(run.compose([*SMALL, f"run_dir={tmp_path / name}", *overrides]), callbacks=[losses])
+    return torch.stack(losses.losses).float().cpu(), losses.graphs, metrics
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["32-true", "bf16-mixed"])
+@pytest.mark.parametrize("model", ["attention", "mamba1", "mamba2"])
+def test_captured_step_trains_as_the_eager_step(tmp_path, model, precision):
+    args = [f"model={model}", "trainer.accelerator=gpu", f"trainer.precision={precision}"]
+    eager, graphs, eager_metrics = curve(tmp_path, "eager", *args, "cuda_graph=false")
+    again, _, _ = curve(tmp_path, "again", *args, "cuda_graph=false")
+    graphed, graphs, graphed_metrics = curve(tmp_path, "graph", *args, "cuda_graph=true")
+    assert graphs == 2  # the full batch and the last, partial one
+    assert len(graphed) == len(eager) == STEPS
+    # The first steps are eager in both runs (the warm-up before capture).
+    assert torch.equal(graphed[:2], eager[:2])
+    # Afterwards the same kernels run in the same order; the Triton backward's atomics make even two
+    # eager runs differ a little, so the graph is held to that run-to-run noise.
+    noise = (again - eager).abs()[-100:].mean().item()
+    gap = (graphed - eager).abs()[-100:].mean().item()
+    print(f"{model} {precision}: loss {eager[0]:.3f} -> {eager[-1]:.3f}; |graph - eager| {gap:.2e}, "
+          f"|eager - eager| {noise:.2e}")
+    assert eager[-20:].mean() < 0.5 * eager[:20].mean()  # it trained
+    assert gap <= 3 * noise + 0.02 * eager[-100:].mean().item()
+    assert abs(graphed_metrics["test/acc"] - eager_metrics["test/acc"]) < 0.05
+
+
+def test_cuda_graph_is_checked(tmp_path):
+    with pytest.raises(run.ConfigError, match=r"cuda_graph=.*must be true or false"):
+        run.build(run.compose(["cuda_graph=maybe", f"run_dir={tmp_path}"]))
+    with pytest.raises(run.ConfigError, match=r"cuda_graph=true: not with trainer.precision=16-mixed"):
+        run.build(run.compose(["trainer.precision=16-mixed", f"run_dir={tmp_path}"]))
