@@ -213,7 +213,9 @@ def test_matches_reference_gpu(case):
 
 @pytest.mark.gpu
 def test_forward_backward_capture_in_cuda_graph():
-    """No host syncs: forward and backward replay from a CUDA graph with fresh inputs."""
+    """No host syncs: forward and backward replay from a CUDA graph with fresh inputs. The upstream
+    gradient enters as a factor of a loss made inside the capture: a gradient tensor handed to the
+    backward from outside would make the capture wait on the stream that made it (a CUDA error)."""
     case = Case(128, 256, 320, 4, torch.bfloat16)
     static = make_inputs(case)
     names = list(static)
@@ -221,7 +223,7 @@ def test_forward_backward_capture_in_cuda_graph():
 
     def step():
         out = causal_conv1d_triton(**static, activation="silu")
-        return (out.detach(), *torch.autograd.grad(out, [static[k] for k in names], dout))
+        return (out.detach(), *torch.autograd.grad((out * dout).sum(), [static[k] for k in names]))
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -246,7 +248,8 @@ def test_forward_backward_capture_in_cuda_graph():
 @pytest.mark.gpu
 @pytest.mark.parametrize("mixer", ["mamba1", "mamba2"])
 def test_mamba_blocks_equal_with_either_backend_gpu(mixer, monkeypatch):
-    """fp32, where only the conv and the norm change between the runs (the scans run their Triton kernels
-    in both, whose tf32 products turn the conv's last-bit differences into ~1e-5 ones)."""
+    """fp32, where only the conv and the norm change between the runs. The scans run their Triton kernels
+    in both, and their tf32 products amplify the conv's last-bit differences: a Mamba-2 block's dt_bias
+    gradient differed by 1.3e-3 between two such runs of an earlier conv kernel (H200)."""
     block = make_block(mixer, 128, d_state=64, headdim=64, ngroups=1, chunk_size=256)
-    check_blocks_equal(block, torch.randn(4, 300, 128, device=DEVICE), monkeypatch, 1e-3, 1e-3)
+    check_blocks_equal(block, torch.randn(4, 300, 128, device=DEVICE), monkeypatch, 5e-3, 5e-3)

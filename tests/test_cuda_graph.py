@@ -51,7 +51,7 @@ def test_captured_step_trains_as_the_eager_step(tmp_path, model, precision):
     gap = (graphed - eager).abs()[-100:].mean().item()
     print(f"{model} {precision}: loss {eager[0]:.3f} -> {eager[-1]:.3f}; |graph - eager| {gap:.2e}, "
           f"|eager - eager| {noise:.2e}")
-    assert eager[-20:].mean() < 0.5 * eager[:20].mean()  # it trained
+    assert eager[-20:].mean() < 0.6 * eager[:20].mean()  # it trained (from ln V = 9.0)
     assert gap <= 3 * noise + 0.02 * eager[-100:].mean().item()
     assert abs(graphed_metrics["test/acc"] - eager_metrics["test/acc"]) < 0.05
 
