@@ -26,6 +26,10 @@ def check_command(argv) -> None:
     if flags:
         raise run.ConfigError(f"{flags[0]}: sweep.py takes no flags, only key=value overrides")
     sweep_args, train_args = split_args(argv)
+    hydra_args = [a for a in train_args if a.lstrip("+~").startswith("hydra.")]
+    if hydra_args:
+        raise run.ConfigError(f"{hydra_args[0]}: sweep.py takes no hydra.* overrides (each trial's run dir is "
+                              "under sweep.dir; set that instead)")
 
     def check(cfg):
         sweep = load(cfg, train_args)

@@ -114,6 +114,7 @@ BAD = {
     "impossible-cell": ([grid("task.num_kv_pairs=4,40")], ["task.num_kv_pairs=40", "seq_len"]),
     "empty-grid": (["sweep.grid=[]"], ["sweep.grid=[]", "empty"]),
     "interval-in-grid": ([grid("optimizer.lr=interval(1e-4,1e-2)")], ["sweep.grid[3]", "sweep.search"]),
+    "hydra-override": (["hydra.run.dir=/tmp/x"], ["hydra.run.dir=/tmp/x", "no hydra.* overrides", "sweep.dir"]),
     "unknown-sweep-key": (["sweep.n_trails=3"], ["sweep.n_trails", "n_trials"]),
     "unknown-preset": (["sweep=nope"], ["sweep=nope", "smoke"]),
     "bad-action": (["action=plot"], ["action='plot'", "report"]),
