@@ -552,7 +552,9 @@ def _config_groups(config_name: str) -> str:
     """`group: option, ...` for the groups in conf/<config_name>.yaml's defaults (run.py --help); a
     global preset (experiment/) is listed only when its keys are that config's."""
     primary = OmegaConf.load(Path(CONF_DIR) / f"{config_name}.yaml")
-    groups = [next(iter(d)) for d in primary.defaults if isinstance(d, DictConfig) and "/" not in next(iter(d))]
+    # Not a group chosen by another's choice (recipe: ${model}): the user picks the model.
+    entries = [next(iter(d.items())) for d in OmegaConf.to_container(primary.defaults) if isinstance(d, dict)]
+    groups = [g for g, choice in entries if "/" not in g and not str(choice).startswith("${")]
     keys = {*primary.keys(), *groups}
     lines = []
     for group in groups:
