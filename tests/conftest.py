@@ -27,3 +27,34 @@ def assert_user_error(script: str, overrides: list[str], expected: list[str], ru
         assert word in lines[0], lines[0]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not Path(run_dir).exists(), "a failed run must leave nothing behind"
+
+
+def assert_graph_replays_eager(op, static: dict, fresh: dict, names: list[str]):
+    """`op(**static)`'s output and its gradients with respect to `static[names]`, captured as a CUDA
+    graph, replayed after `fresh` is copied into `static`, equal (to the bit) an eager call on `fresh`:
+    no host syncs, nothing of the inputs baked into the graph.
+
+    The upstream gradient enters as a factor of a loss made inside the capture: a gradient tensor
+    made outside on the default stream would make the capture wait on that stream (a CUDA error)."""
+    out = op(**static)
+    dout = torch.randn(out.shape, device=out.device, dtype=out.dtype)
+
+    def step():
+        out = op(**static)
+        return (out.detach(), *torch.autograd.grad((out * dout).sum(), [static[k] for k in names]))
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile and autotune outside the capture
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outs = step()
+    with torch.no_grad():
+        for k in names:
+            static[k].copy_(fresh[k])
+    graph.replay()
+    for name, a, b in zip(["out", *names], outs, step()):
+        assert torch.equal(a, b), name

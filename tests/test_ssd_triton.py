@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from kernels.ssd import ssd_scan
+from tests.conftest import assert_graph_replays_eager
 from kernels.ssd.reference import ssd_scan_ref, ssd_step_ref
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
@@ -355,28 +356,5 @@ def test_forward_backward_capture_in_cuda_graph(path):
     """No host syncs: forward and backward replay from a CUDA graph with fresh inputs."""
     case = Case(2, 300, 4, 64, 64, 1, 128, torch.bfloat16, z=True, D="h", bias=True, softplus=True, h0=True)
     static = make_inputs(case)
-    names = list(static)
-    dy = torch.randn(case.b, case.l, case.h, case.p, device=DEVICE, dtype=case.dtype)
-
-    def step():
-        y = ssd_scan_triton(**static, chunk_size=case.Q, dt_softplus=True)
-        return (y, *torch.autograd.grad(y, [static[k] for k in names], dy))
-
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):  # compile and autotune outside the capture
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        outs = step()
-
-    fresh = make_inputs(case, seed=7)
-    with torch.no_grad():
-        for k in names:
-            static[k].copy_(fresh[k])
-    graph.replay()
-    eager = step()
-    for name, a, b in zip(["y", *names], outs, eager):
-        assert torch.equal(a, b), name
+    assert_graph_replays_eager(lambda **t: ssd_scan_triton(**t, chunk_size=case.Q, dt_softplus=True), static,
+                               make_inputs(case, seed=7), list(static))

@@ -15,13 +15,9 @@ flushed between runs); each measurement is printed as a JSON line as soon as it 
 CUDA GPU.
 """
 
-import argparse
-import datetime
-import json
-
 import torch
-import triton
 
+from kernels import bench
 from kernels.gated_norm.reference import gated_rms_norm_ref
 from kernels.gated_norm.triton import gated_rms_norm_triton
 
@@ -29,17 +25,6 @@ SHAPES = [(128, 256, d) for d in (256, 320, 640)]  # (batch, seqlen, d)
 DTYPE = torch.bfloat16
 LAYOUTS = ("packed", "contiguous")
 EPS = 1e-5
-
-
-def bench_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy, bytes read plus written per second."""
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    return 2 * src.numel() / (bench_ms(lambda: dst.copy_(src)) * 1e-3)
 
 
 def make_inputs(b, l, d, layout, seed=0):
@@ -52,62 +37,9 @@ def make_inputs(b, l, d, layout, seed=0):
     return y, z, weight
 
 
-def time_op(norm, y, z, weight) -> tuple[float, float]:
-    """(forward ms, forward+backward ms) of out = norm(y, z, weight, group_size=d)."""
-    dout = torch.randn(y.shape, device="cuda", dtype=DTYPE)
-    d = y.shape[-1]
-
-    def fwd():
-        with torch.no_grad():
-            norm(y, z, weight, d, EPS)
-
-    def fwd_bwd():
-        out = norm(y, z, weight, d, EPS)
-        torch.autograd.grad(out, (y, z, weight), dout)
-
-    return bench_ms(fwd), bench_ms(fwd_bwd)
-
-
-def emit(kind, row):
-    print(json.dumps(dict(kind=kind, **row)), flush=True)
-
-
-def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--json", help="write all numbers to this file")
-    args = p.parse_args()
-
-    props = torch.cuda.get_device_properties(0)
-    env = dict(date=datetime.date.today().isoformat(), device=props.name, torch=torch.__version__,
-               triton=triton.__version__, cuda=torch.version.cuda)
-    bw = copy_bandwidth()
-    emit("env", dict(env, copy_bw_tb_s=bw / 1e12))
-    rows = []
-    for b, l, d in SHAPES:
-        for layout in LAYOUTS:
-            y, z, weight = make_inputs(b, l, d, layout)
-            elems = y.numel() * y.element_size()
-            row = dict(shape=f"({b}, {l}, {d})", layout=layout,
-                       floor_fwd_ms=3 * elems / bw * 1e3, floor_fwd_bwd_ms=8 * elems / bw * 1e3)
-            row["triton_fwd_ms"], row["triton_fwd_bwd_ms"] = time_op(gated_rms_norm_triton, y, z, weight)
-            row["ref_fwd_ms"], row["ref_fwd_bwd_ms"] = time_op(gated_rms_norm_ref, y, z, weight)
-            emit("row", row)
-            rows.append(row)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(dict(env=env, copy_bw_tb_s=bw / 1e12, rows=rows), f, indent=1)
-
-    print(f"\n{env['device']} · torch {env['torch']} · triton {env['triton']} · copy {bw / 1e12:.2f} TB/s · "
-          f"bf16, one group\n")
-    print("| (b, l, d) | z | floor fwd | Triton fwd | ref fwd | speed-up | floor fwd+bwd | Triton fwd+bwd "
-          "| ref fwd+bwd | speed-up |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['shape']} | {r['layout']} | {r['floor_fwd_ms']:.4f} ms | {r['triton_fwd_ms']:.4f} ms "
-              f"| {r['ref_fwd_ms']:.4f} ms | {r['ref_fwd_ms'] / r['triton_fwd_ms']:.1f}x "
-              f"| {r['floor_fwd_bwd_ms']:.4f} ms | {r['triton_fwd_bwd_ms']:.4f} ms | {r['ref_fwd_bwd_ms']:.4f} ms "
-              f"| {r['ref_fwd_bwd_ms'] / r['triton_fwd_bwd_ms']:.1f}x |")
-
-
 if __name__ == "__main__":
-    main()
+    # Group size d (one group) and eps as the Mamba-2 block; y first: it is the size of the output.
+    bench.main(__doc__, SHAPES, LAYOUTS, make_inputs,
+               lambda y, z, w: gated_rms_norm_triton(y, z, w, y.shape[-1], EPS),
+               lambda y, z, w: gated_rms_norm_ref(y, z, w, y.shape[-1], EPS), floor_reads=(3, 8),
+               header="(b, l, d) | z", note="bf16, one group")
