@@ -92,6 +92,8 @@ class LitLM(L.LightningModule):
         optimizer: a partial optimiser (`optimizer(param_groups)`), e.g. Hydra's `_partial_` AdamW.
         scheduler: a partial `(optimizer, total_steps) -> LRScheduler`, or None for a constant LR.
         weight_decay_on: "all" or "matrices" (see `configure_optimizers`).
+        cuda_graph: on one GPU, replay each training step's forward and backward as a CUDA graph
+            (`CapturedStep`); eager elsewhere.
     """
 
     def __init__(self, net: nn.Module, optimizer, scheduler=None, weight_decay_on="all", cuda_graph=False):
