@@ -23,12 +23,10 @@ from pathlib import Path
 
 import hydra
 import torch
-import torch.nn.functional as F
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 import run
-from models.lit import scored_logits
-from tasks.base import IGNORE
+from models.lit import scored_loss
 from tasks.data import batch_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +44,7 @@ PRESET = ["experiment=zoology_fig2"]
 def plain_step(net, optimizer, data, rows):
     """One training step of the plain loop; `rows` (batch,) indexes the resident data."""
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        logits = scored_logits(net, data["inputs"][rows], data["positions"][rows])
-    loss = F.cross_entropy(logits.flatten(0, 1), data["targets"][rows].flatten(), ignore_index=IGNORE)
+        loss, _, _ = scored_loss(net, {k: data[k][rows] for k in ("inputs", "positions", "targets")})
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)

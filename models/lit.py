@@ -51,6 +51,21 @@ def scored_logits(net: nn.Module, inputs: Tensor, positions: Tensor) -> Tensor:
     return net.head(h).float()
 
 
+def scored_loss(net: nn.Module, batch: dict) -> tuple[Tensor, Tensor, Tensor]:
+    """Loss and correctness at the scored positions, with static shapes (no host sync).
+
+    batch: inputs (b, l), positions and targets (b, S) (`tasks.data.scored`).
+    Returns: loss (scalar, cross-entropy over the real scored positions), correct (b, S) bool,
+    valid (b, S) bool: which of the S positions are real ones.
+    """
+    logits = scored_logits(net, batch["inputs"], batch["positions"])  # (b, S, V)
+    targets = batch["targets"]  # (b, S)
+    loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+    valid = targets != IGNORE
+    correct = (logits.argmax(-1) == targets) & valid
+    return loss, correct, valid
+
+
 WEIGHT_DECAY_ON = ("all", "matrices")
 
 
@@ -127,19 +142,6 @@ class LitLM(L.LightningModule):
     def _key(stage, name):
         return f"{stage}/{name}"
 
-    def _scored(self, batch):
-        """Loss and correctness at the scored positions, with static shapes (no host sync).
-
-        Returns: loss (scalar), correct (b, S) bool, valid (b, S) bool: S is the batch's row of
-        scored positions (`tasks.data.scored`), valid marks the real ones among them.
-        """
-        logits = scored_logits(self.net, batch["inputs"], batch["positions"])  # (b, S, V)
-        targets = batch["targets"]  # (b, S)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
-        valid = targets != IGNORE
-        correct = (logits.argmax(-1) == targets) & valid
-        return loss, correct, valid
-
     def _update(self, stage, batch, loss, correct, valid):
         m = self.metrics
         m[self._key(stage, "loss")].update(loss.detach(), weight=valid.sum())
@@ -164,7 +166,7 @@ class LitLM(L.LightningModule):
     def training_step(self, batch, batch_idx):
         graph = self._graph_for(batch) if self._capturing() else None
         if graph is None:
-            loss, correct, valid = self._scored(batch)
+            loss, correct, valid = scored_loss(self.net, batch)
             acc = correct.sum() / valid.sum()
         else:
             loss, acc = graph(batch)
@@ -174,14 +176,14 @@ class LitLM(L.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
-        self._update("val", batch, *self._scored(batch))
+        self._update("val", batch, *scored_loss(self.net, batch))
 
     def on_validation_epoch_end(self):
         self._log_epoch("val")
 
     def test_step(self, batch, batch_idx, dataloader_idx=0):
         stage = self.trainer.datamodule.test_names[dataloader_idx]
-        self._update(stage, batch, *self._scored(batch))
+        self._update(stage, batch, *scored_loss(self.net, batch))
 
     def on_test_epoch_end(self):
         for stage in self.trainer.datamodule.test_names:
@@ -253,7 +255,7 @@ class CapturedStep:
         with torch.cuda.graph(self.graph):
             torch._foreach_zero_(self.grads)
             with torch.autocast(**autocast):
-                loss, correct, valid = module._scored(self.inputs)
+                loss, correct, valid = scored_loss(module.net, self.inputs)
             with torch.autocast(device, enabled=False):  # as Lightning's backward, outside autocast
                 loss.backward()
             self.loss, self.acc = loss.detach(), correct.sum() / valid.sum()

@@ -100,7 +100,8 @@ class Batches:
                  epoch_fn=lambda: 0, rank: int = 0, world: int = 1):
         self.tensors, self.batch_size, self.shuffle = tensors, batch_size, shuffle
         self.seed, self.epoch_fn, self.rank, self.world = seed, epoch_fn, rank, world
-        self.total = next(iter(tensors.values())).shape[0]
+        first = next(iter(tensors.values()))
+        self.total, self.device = first.shape[0], first.device
         self.n = -(-self.total // world)  # examples per process
 
     def __len__(self):
@@ -114,7 +115,7 @@ class Batches:
             order = torch.arange(self.total)
         if self.world > 1:
             order = order.repeat(-(-self.n * self.world // self.total))[: self.n * self.world][self.rank :: self.world]
-        order = order.to(next(iter(self.tensors.values())).device)  # one copy an epoch
+        order = order.to(self.device)  # one copy an epoch
         for start in range(0, self.n, self.batch_size):
             rows = order[start : start + self.batch_size]
             yield {k: v[rows] for k, v in self.tensors.items()}
@@ -185,7 +186,7 @@ class TaskDataModule(L.LightningDataModule):
             self.test_tasks[seq_len] = make_task(name, **{**params, "seq_len": seq_len})
         self.vocab_size = self.task.vocab_size
         self.data: dict[str, TaskData] = {}
-        self._on_device: dict[str, tuple[TaskData, dict]] = {}  # split -> (its data, as batch tensors on the device)
+        self._on_device: dict[str, tuple] = {}  # split -> (its data, the device, its batch tensors there)
 
     def _seed(self, split):
         return self.seed * 100 + SPLIT_SEED_OFFSET[split]
@@ -238,10 +239,10 @@ class TaskDataModule(L.LightningDataModule):
         order follows the run's `seed` (torch's global seed, which Lightning's seed_everything sets)."""
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
-        data, tensors = self._on_device.get(split, (None, None))
-        if data is not self.data[split] or next(iter(tensors.values())).device != device:
+        data, where, tensors = self._on_device.get(split, (None, None, None))
+        if data is not self.data[split] or where != device:
             tensors = {k: v.to(device) for k, v in batch_tensors(self.data[split]).items()}
-            self._on_device[split] = (self.data[split], tensors)
+            self._on_device[split] = (self.data[split], device, tensors)
         shard = {"rank": trainer.global_rank, "world": trainer.world_size} if trainer is not None else {}
         return Batches(tensors, batch_size or self.batch_size, shuffle=shuffle, seed=torch.initial_seed(),
                        epoch_fn=self._epoch, **shard)

@@ -58,3 +58,32 @@ def assert_graph_replays_eager(op, static: dict, fresh: dict, names: list[str]):
     graph.replay()
     for name, a, b in zip(["out", *names], outs, step()):
         assert torch.equal(a, b), name
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖a − b‖ / ‖b‖, in fp64."""
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def assert_matches_fp64_reference(name: str, op, ref, inputs: dict, tol: float, tol_of: dict) -> torch.Tensor:
+    """`op(**inputs)` and its gradient with respect to every input (for a fixed random upstream
+    gradient) against `ref` on fp64 copies of the inputs, by relative error: the output and each
+    gradient under `tol`, or `tol_of[input name]` (summed gradients such as a weight's, whose error
+    grows with the reduction). Output and gradients finite, each gradient in its input's dtype and shape.
+    Prints the errors (pytest -s, or on failure); returns op's output."""
+    out = op(**inputs)
+    inputs64 = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
+    out_ref = ref(**inputs64)
+    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out.device, out.dtype)
+    names = list(inputs)
+    grads = torch.autograd.grad(out, [inputs[k] for k in names], dout)
+    grads_ref = torch.autograd.grad(out_ref, [inputs64[k] for k in names], dout.double())
+    errors = {"out": rel_err(out, out_ref)}
+    errors |= {f"d{k}": rel_err(g, g_ref) for k, g, g_ref in zip(names, grads, grads_ref)}
+    print(name, " ".join(f"{k}={v:.1e}" for k, v in errors.items()))
+    assert out.isfinite().all() and errors["out"] < tol
+    for k, grad in zip(names, grads):
+        assert grad.dtype == inputs[k].dtype and grad.shape == inputs[k].shape, k
+        assert grad.isfinite().all(), k
+        assert errors[f"d{k}"] < tol_of.get(k, tol), k
+    return out

@@ -18,8 +18,8 @@ import pytest
 import torch
 
 from kernels.conv1d import causal_conv1d
-from tests.conftest import assert_graph_replays_eager
 from kernels.conv1d.reference import causal_conv1d_ref
+from tests.conftest import assert_graph_replays_eager, assert_matches_fp64_reference, rel_err
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (INTERPRET or torch.cuda.is_available()):
@@ -30,10 +30,6 @@ from kernels.conv1d.triton import causal_conv1d_triton  # noqa: E402
 DEVICE = "cpu" if INTERPRET else "cuda"
 TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
 TOL_SUMMED = {torch.float32: 1e-5 if INTERPRET else 1e-4, torch.bfloat16: 1e-2}
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @dataclass(frozen=True)
@@ -68,24 +64,10 @@ def make_inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
 
 def check_against_ref(case: Case, inputs: dict, conv=causal_conv1d_triton):
     activation = "silu" if case.silu else None
-    out = conv(**inputs, activation=activation)
-    inputs64 = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
-    out_ref = causal_conv1d_ref(**inputs64, activation=activation)
+    out = assert_matches_fp64_reference(str(case), lambda **t: conv(**t, activation=activation),
+                                        lambda **t: causal_conv1d_ref(**t, activation=activation), inputs,
+                                        TOL[case.dtype], {k: TOL_SUMMED[case.dtype] for k in ("weight", "bias")})
     assert out.dtype == case.dtype and out.shape == (case.b, case.l, case.c)
-
-    dout = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(DEVICE)
-    names = list(inputs)
-    grads = torch.autograd.grad(out, [inputs[k] for k in names], dout.to(out.dtype))
-    grads_ref = torch.autograd.grad(out_ref, [inputs64[k] for k in names], dout.to(out.dtype).double())
-    errors = {"out": rel_err(out, out_ref)}
-    errors |= {f"d{name}": rel_err(g, g_ref) for name, g, g_ref in zip(names, grads, grads_ref)}
-    print(case, " ".join(f"{k}={v:.1e}" for k, v in errors.items()))  # shown by pytest -s or on failure
-    assert out.isfinite().all() and errors["out"] < TOL[case.dtype]
-    for name, grad in zip(names, grads):
-        assert grad.dtype == inputs[name].dtype and grad.shape == inputs[name].shape, name
-        assert grad.isfinite().all(), name
-        bound = TOL_SUMMED[case.dtype] if name in ("weight", "bias") else TOL[case.dtype]
-        assert errors[f"d{name}"] < bound, name
 
 
 TINY = [Case(2, 37, 40, width, bias=bias, silu=silu) for width in (2, 3, 4) for bias in (True, False)

@@ -11,10 +11,7 @@ import torch
 
 from kernels.selective_scan import selective_scan, selective_state_update
 from kernels.selective_scan.reference import selective_scan_naive, selective_scan_ref
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from tests.conftest import rel_err
 
 
 @dataclass(frozen=True)

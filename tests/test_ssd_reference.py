@@ -13,10 +13,7 @@ import kernels.ssd
 from kernels import load_backend
 from kernels.ssd import ssd_scan, ssd_step
 from kernels.ssd.reference import ssd_scan_naive, ssd_scan_ref
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+from tests.conftest import rel_err
 
 
 @dataclass(frozen=True)

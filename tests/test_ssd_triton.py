@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from kernels.ssd import ssd_scan
-from tests.conftest import assert_graph_replays_eager
 from kernels.ssd.reference import ssd_scan_ref, ssd_step_ref
+from tests.conftest import assert_graph_replays_eager, rel_err
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 if not (INTERPRET or torch.cuda.is_available()):
@@ -34,10 +34,6 @@ FP32_TOL = 1e-5 if INTERPRET else 2e-3  # the interpreter's fp32 dots are exact 
 TOL = {torch.float32: FP32_TOL, torch.bfloat16: 2e-2, torch.float16: 5e-3}
 TOL_SUMMED = {torch.float32: 1e-5 if INTERPRET else 5e-3, torch.bfloat16: 5e-2, torch.float16: 1e-2}
 PER_TOKEN = ("x", "dt", "B", "C", "z")  # in the input dtype; A, D, dt_bias and states stay fp32
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @dataclass(frozen=True)
