@@ -426,8 +426,8 @@ def train(cfg: DictConfig, callbacks=()) -> dict[str, float]:
         (run_dir / "hparams.yaml").unlink(missing_ok=True)
         logger.log_hyperparams(_hparams(cfg))
     checkpoint, own_callbacks = _callbacks(cfg, run_dir)
-    # A curriculum picks its stage's training data when the loader is rebuilt, so rebuild it each epoch.
-    reload = {"reload_dataloaders_every_n_epochs": 1} if datamodule.curriculum else {}
+    # A curriculum's stage and fresh data are picked when the loader is rebuilt: rebuild it each epoch.
+    reload = {"reload_dataloaders_every_n_epochs": 1} if datamodule.reloads_every_epoch else {}
     trainer = make_trainer(cfg.trainer, default_root_dir=str(run_dir), logger=logger,
                            callbacks=own_callbacks + list(callbacks), **reload)
     start = time.perf_counter()

@@ -4,13 +4,15 @@
     PYTHONPATH=. python -m models.bench --cells mamba2_d64 --steps 400
 
 Per cell (MQAR at Zoology's Fig. 2 size: batch 128 x 256 tokens, V=8192, bf16), ms per training step:
-    run.py        `python run.py experiment=zoology_fig2 ...` as a user runs it (cuda_graph=true, and
-                  `run.py eager` with cuda_graph=false): the median of its logged tokens/s over the
-                  logging intervals, as ms/step; `start` is the process's wall time less its steps.
+    run.py        `python run.py experiment=zoology_fig2 ...` as a user runs it: the median of its
+                  logged tokens/s over the logging intervals, as ms/step (`run.py eager`, with
+                  --eager: `cuda_graph=false`).
     plain eager   a loop over the very same `models.lm.LM`: the data on the GPU, scored positions
                   gathered with a fixed-size index, fused AdamW, bf16 autocast.
     plain graph   that step (forward, backward and the optimiser) captured as one CUDA graph.
-and the kernels one eager plain step launches (torch.profiler). Ratios are against the plain graph.
+the kernels one eager plain step launches (torch.profiler), and `first step`: seconds from launching
+run.py to the end of its first training step, with Triton's caches warm (the cell's runs before it).
+Ratios are against the plain graph. --profile prints each cell's kernels by GPU time.
 """
 import argparse
 import glob
@@ -51,8 +53,9 @@ def plain_step(net, optimizer, data, rows):
     return loss
 
 
-def plain(overrides, steps):
-    """ms/step of the plain eager loop and of its CUDA graph, and the eager step's kernel count."""
+def plain(overrides, steps, profile=False):
+    """ms/step of the plain eager loop and of its CUDA graph, and the eager step's kernel count
+    (with `profile`, also printed: the step's kernels by GPU time)."""
     cfg = run.compose([*PRESET, *overrides])
     torch.manual_seed(0)
     net = hydra.utils.instantiate(cfg.model).cuda()
@@ -78,6 +81,8 @@ def plain(overrides, steps):
         plain_step(net, optimizer, data, orders[0])
         torch.cuda.synchronize()
     kernels = sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    if profile:
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70))
 
     rows = orders[0].clone()
     side = torch.cuda.Stream()
@@ -97,46 +102,70 @@ def plain(overrides, steps):
     return eager_ms, time_loop(replay), kernels
 
 
-def through_run_py(overrides, steps, cuda_graph):
-    """(ms/step, start-up s) of run.py: steps from its logged tokens/s, start-up = wall − steps."""
+def _scalars(run_dir, tag):
+    """The TensorBoard events of `tag` in a run dir (its training's and its hparams' files)."""
+    found = []
+    for path in glob.glob(f"{run_dir}/**/events.out.tfevents.*", recursive=True):
+        events = EventAccumulator(path).Reload()
+        if tag in events.Tags()["scalars"]:
+            found += events.Scalars(tag)
+    return found
+
+
+def _run_py(args, tmp):
+    """Run `python run.py args` in run dir `tmp`; its launch time (time.time())."""
+    launched = time.time()
+    proc = subprocess.run([sys.executable, "run.py", *args, f"hydra.run.dir={tmp}"], cwd=ROOT, capture_output=True,
+                          text=True)
+    if proc.returncode:
+        raise RuntimeError(f"run.py {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
+    return launched
+
+
+def through_run_py(overrides, steps, extra=()):
+    """run.py's ms/step, from its logged tokens/s."""
     with tempfile.TemporaryDirectory() as tmp:
-        args = [*PRESET, *overrides, f"trainer.max_steps={steps}", "target_acc=null", f"cuda_graph={cuda_graph}",
-                # one epoch longer than the run, so no validation falls inside it
-                f"task.num_train={128 * (steps + 1)}", "trainer.log_every_n_steps=50", f"hydra.run.dir={tmp}"]
-        start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode:
-            raise RuntimeError(f"run.py {' '.join(args)} failed:\n{proc.stderr[-3000:]}")
-        wall = time.perf_counter() - start
-        rates = []
-        for path in glob.glob(f"{tmp}/**/events.out.tfevents.*", recursive=True):  # training's and hparams'
-            events = EventAccumulator(path).Reload()
-            if "train/tokens_per_sec" in events.Tags()["scalars"]:
-                rates += [e.value for e in events.Scalars("train/tokens_per_sec")]
-    ms = 128 * 256 / statistics.median(rates) * 1e3
-    return ms, wall - steps * ms / 1e3
+        # one epoch longer than the run, so no validation falls inside it
+        _run_py([*PRESET, *overrides, f"trainer.max_steps={steps}", "target_acc=null", *extra,
+                 f"task.num_train={128 * (steps + 1)}", "trainer.log_every_n_steps=50"], tmp)
+        rates = [e.value for e in _scalars(tmp, "train/tokens_per_sec")]
+    return 128 * 256 / statistics.median(rates) * 1e3
+
+
+def first_step(overrides):
+    """Seconds from launching run.py to the end of its first training step (the first train/loss
+    event's time: logged every step here)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        launched = _run_py([*PRESET, *overrides, "trainer.max_steps=1", "target_acc=null", "task.num_train=256",
+                            "trainer.log_every_n_steps=1"], tmp)
+        return min(e.wall_time for e in _scalars(tmp, "train/loss")) - launched
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cells", nargs="*", default=list(CELLS), choices=list(CELLS))
     parser.add_argument("--steps", type=int, default=500, help="timed steps per measurement")
+    parser.add_argument("--eager", action="store_true", help="also time run.py with cuda_graph=false")
+    parser.add_argument("--profile", action="store_true", help="print each cell's kernels by GPU time")
     args = parser.parse_args()
     print(f"{torch.cuda.get_device_name()} · torch {torch.__version__}")
+    variants = {"run.py": []}
+    if args.eager:
+        variants["run.py eager"] = ["cuda_graph=false"]
     rows = []
     for cell in args.cells:
-        eager, graph, kernels = plain(CELLS[cell], args.steps)
-        ours, start = through_run_py(CELLS[cell], args.steps, cuda_graph=True)
-        ours_eager, _ = through_run_py(CELLS[cell], args.steps, cuda_graph=False)
-        rows.append((cell, ours, ours_eager, eager, graph, kernels, start))
-        print(f"{cell}: run.py {ours:.2f} ms, run.py eager {ours_eager:.2f}, plain eager {eager:.2f}, "
-              f"plain graph {graph:.2f}, {kernels} kernels, start {start:.1f} s", flush=True)
-    print("\n| cell | run.py | run.py eager | plain eager | plain graph | run.py / graph | tokens/s (run.py) "
-          "| kernels/step | run.py start-up |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for cell, ours, ours_eager, eager, graph, kernels, start in rows:
-        print(f"| {cell} | {ours:.2f} ms | {ours_eager:.2f} | {eager:.2f} | {graph:.2f} | {ours / graph:.2f}x "
-              f"| {128 * 256 / ours * 1e3:,.0f} | {kernels} | {start:.1f} s |")
+        eager, graph, kernels = plain(CELLS[cell], args.steps, args.profile)
+        ours = {name: through_run_py(CELLS[cell], args.steps, extra) for name, extra in variants.items()}
+        start = first_step(CELLS[cell])
+        rows.append((cell, ours, eager, graph, kernels, start))
+        print(f"{cell}: {', '.join(f'{k} {v:.2f} ms' for k, v in ours.items())}, plain eager {eager:.2f}, "
+              f"plain graph {graph:.2f}, {kernels} kernels, first step {start:.1f} s", flush=True)
+    print(f"\n| cell | {' | '.join(variants)} | plain eager | plain graph | run.py / graph | tokens/s (run.py) "
+          "| kernels/step | first step |")
+    print("|---|" + "---|" * (len(variants) + 7))
+    for cell, ours, eager, graph, kernels, start in rows:
+        print(f"| {cell} | {' | '.join(f'{v:.2f} ms' for v in ours.values())} | {eager:.2f} | {graph:.2f} "
+              f"| {ours['run.py'] / graph:.2f}x | {128 * 256 / ours['run.py'] * 1e3:,.0f} | {kernels} | {start:.1f} s |")
 
 
 if __name__ == "__main__":

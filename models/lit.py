@@ -125,6 +125,7 @@ class LitLM(L.LightningModule):
         self._graphs: dict[tuple, CapturedStep] = {}  # batch shapes -> that step's graph
         self._eager_steps: Counter = Counter()  # batch shapes -> eager steps taken at them
         self._replayed = False  # this step's backward already ran, in its graph
+        self._window: list[Tensor] = []  # (loss, acc) of each training step since the last logging step
 
     # -- metrics ---------------------------------------------------------------------------------
     def setup(self, stage):
@@ -171,9 +172,22 @@ class LitLM(L.LightningModule):
         else:
             loss, acc = graph(batch)
             self._replayed = True
+        self._log_train(loss.detach(), acc)
+        return loss
+
+    def _log_train(self, loss, acc):
+        """train/loss and train/acc: their means over the steps since the last logging step, logged
+        at the steps Lightning writes to the logger (every `trainer.log_every_n_steps`). `self.log`
+        costs a millisecond of host time (Lightning moves its whole result entry to the device on
+        every call), as much as a small model's step on the GPU, so it is not called every step."""
+        self._window.append(torch.stack((loss, acc)))
+        every = self.trainer.log_every_n_steps
+        if not every or (self.global_step + 1) % every:
+            return
+        loss, acc = torch.stack(self._window).mean(0)
+        self._window.clear()
         self.log("train/loss", loss, prog_bar=True)
         self.log("train/acc", acc, prog_bar=True)
-        return loss
 
     def validation_step(self, batch, batch_idx):
         self._update("val", batch, *scored_loss(self.net, batch))

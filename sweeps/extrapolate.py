@@ -43,8 +43,8 @@ def accuracy(net, task, num_examples: int, batch_size: int, chunk_len: int, seed
     correct = total = 0
     for start in range(0, num_examples, batch_size):
         n = min(batch_size, num_examples - start)
-        data = task.generate(n, seed + start)
-        ids, labels = data.inputs.to(device), data.labels.to(device)  # (n, L)
+        data = task.generate(n, seed + start, device)
+        ids, labels = data.inputs, data.labels  # (n, L)
         cache = net.allocate_cache(n, task.seq_len, device=device)
         for i in range(0, task.seq_len, chunk_len):
             h = net.hidden(ids[:, i:i + chunk_len], cache)  # (n, c, d)

@@ -3,8 +3,10 @@
 A task file (`tasks/<name>.py`) holds exactly one `Task` subclass. Its fields are the task's
 parameters, its `__post_init__` validates them (calling `super().__post_init__()` first), and its
 `_generate(num_examples, generator)` builds the whole dataset with batched tensor operations (no
-Python loop per example), drawing every random number from `generator` so that the data is a pure
-function of the parameters and the seed.
+Python loop per example) on `generator.device`, drawing every random number from `generator` so that
+the data is a pure function of the parameters, the seed and the kind of device (a training run
+generates its data on its GPU, where it is made in milliseconds; CUDA's random streams are not the
+CPU's).
 
 Also here: the validation and sampling helpers the tasks share.
 """
@@ -51,15 +53,15 @@ class Task:
         check_positive_int("vocab_size", self.vocab_size)
         check_positive_int("seq_len", self.seq_len)
 
-    def generate(self, num_examples: int, seed: int) -> TaskData:
-        """`num_examples` examples drawn from a fresh generator seeded with `seed`.
+    def generate(self, num_examples: int, seed: int, device="cpu") -> TaskData:
+        """`num_examples` examples on `device`, drawn from a fresh generator there seeded with `seed`.
 
-        The same (parameters, num_examples, seed) always give identical tensors.
+        The same (parameters, num_examples, seed, device type) always give identical tensors.
         """
         check_positive_int("num_examples", num_examples)
         if not (isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0):
             raise ValueError(f"seed={seed!r}: must be a non-negative integer")
-        return self._generate(num_examples, torch.Generator().manual_seed(seed))
+        return self._generate(num_examples, torch.Generator(device).manual_seed(seed))
 
     def _generate(self, num_examples: int, generator: torch.Generator) -> TaskData:
         raise NotImplementedError(f"{type(self).__name__} must implement _generate")
@@ -71,9 +73,9 @@ def check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name}={value!r}: must be a positive integer")
 
 
-def per_example(num_examples: int, value: int) -> Tensor:
+def per_example(num_examples: int, value: int, device) -> Tensor:
     """A slice that is constant over the dataset: (num_examples,) int64 filled with `value`."""
-    return torch.full((num_examples,), value, dtype=torch.int64)
+    return torch.full((num_examples,), value, dtype=torch.int64, device=device)
 
 
 def row_chunks(num_rows: int, row_width: int):
@@ -94,20 +96,21 @@ def sample_distinct(generator: torch.Generator, num_rows: int, population: int, 
     gather; drawing 64 keys from 4095 ids this is several times cheaper than a top-k over 4095
     random numbers per row.
     """
-    out = torch.empty(num_rows, k, dtype=torch.int64)
+    device = generator.device
+    out = torch.empty(num_rows, k, dtype=torch.int64, device=device)
     for rows in row_chunks(num_rows, population):
         n = rows.stop - rows.start
-        row_start = torch.arange(n) * population  # (n,) offset of each row in the flat mask
-        j = torch.arange(population - k, population).unsqueeze(1)  # (k, 1)
+        row_start = torch.arange(n, device=device) * population  # (n,) offset of each row in the flat mask
+        j = torch.arange(population - k, population, device=device).unsqueeze(1)  # (k, 1)
         # All k steps' draws at once, as flat mask indices: floor(U·(j+1)) is uniform on [0, j].
-        u = torch.rand(k, n, generator=generator, dtype=torch.float64)
+        u = torch.rand(k, n, generator=generator, dtype=torch.float64, device=device)
         draw = row_start + (u * (j + 1)).long()  # (k, n)
         fallback = row_start + j  # (k, n)
-        taken = torch.zeros(n * population, dtype=torch.bool)  # (n·population,)
+        taken = torch.zeros(n * population, dtype=torch.bool, device=device)  # (n·population,)
         for i in range(k):
             draw[i] = torch.where(taken[draw[i]], fallback[i], draw[i])
             taken[draw[i]] = True
         out[rows] = (draw - row_start).T
     # Floyd's subset is uniform but its order is not (large values come late): shuffle each row.
-    order = torch.rand(num_rows, k, generator=generator).argsort(dim=1)
+    order = torch.rand(num_rows, k, generator=generator, device=device).argsort(dim=1)
     return out.gather(1, order)

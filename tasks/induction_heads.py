@@ -47,12 +47,12 @@ class InductionHeads(Task):
                              f"(trigger, target, final trigger)")
 
     def _generate(self, num_examples, generator):
-        N, L, V = num_examples, self.seq_len, self.vocab_size
-        inputs = torch.randint(TRIGGER + 1, V, (N, L), generator=generator)  # (N, L)
-        first = torch.randint(0, L - 2, (N,), generator=generator)  # (N,) first trigger's position
-        example = torch.arange(N)
+        N, L, V, device = num_examples, self.seq_len, self.vocab_size, generator.device
+        inputs = torch.randint(TRIGGER + 1, V, (N, L), generator=generator, device=device)  # (N, L)
+        first = torch.randint(0, L - 2, (N,), generator=generator, device=device)  # (N,) first trigger's position
+        example = torch.arange(N, device=device)
         inputs[example, first] = TRIGGER
         inputs[:, -1] = TRIGGER
-        labels = torch.full((N, L), IGNORE, dtype=torch.int64)
+        labels = torch.full((N, L), IGNORE, dtype=torch.int64, device=device)
         labels[:, -1] = inputs[example, first + 1]
-        return TaskData(inputs, labels, {"seq_len": per_example(N, L)})
+        return TaskData(inputs, labels, {"seq_len": per_example(N, L, device)})

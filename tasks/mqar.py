@@ -69,26 +69,27 @@ class MQAR(Task):
 
     def _generate(self, num_examples, generator):
         N, L, V, K = num_examples, self.seq_len, self.vocab_size, self.num_kv_pairs
+        device = generator.device
         half = V // 2
         keys = 1 + sample_distinct(generator, N, half - 1, K)  # (N, K) in [1, V/2)
         values = half + sample_distinct(generator, N, V - half, K)  # (N, K) in [V/2, V)
 
         num_slots = (L - 2 * K) // 2
-        gap = torch.arange(1, num_slots + 1, dtype=torch.float64)
+        gap = torch.arange(1, num_slots + 1, dtype=torch.float64, device=device)
         # log of a·g^(a-1) up to a constant (only ratios matter); logs never over- or underflow.
         log_weight = ((self.power_a - 1) * gap.log()).float()  # (S,)
         slots = _weighted_draws(generator, N, log_weight, K)  # (N, K), the i-th draw is for key i
         query_pos = 2 * K + 2 * slots  # (N, K)
 
-        inputs = torch.zeros(N, L, dtype=torch.int64)
+        inputs = torch.zeros(N, L, dtype=torch.int64, device=device)
         inputs[:, 0 : 2 * K : 2] = keys
         inputs[:, 1 : 2 * K : 2] = values
         if self.random_non_queries:
-            inputs[:, 2 * K :] = torch.randint(0, V, (N, L - 2 * K), generator=generator)
+            inputs[:, 2 * K :] = torch.randint(0, V, (N, L - 2 * K), generator=generator, device=device)
         inputs.scatter_(1, query_pos, keys)
-        labels = torch.full((N, L), IGNORE, dtype=torch.int64)
+        labels = torch.full((N, L), IGNORE, dtype=torch.int64, device=device)
         labels.scatter_(1, query_pos, values)
-        slices = {"num_kv_pairs": per_example(N, K), "seq_len": per_example(N, L)}
+        slices = {"num_kv_pairs": per_example(N, K, device), "seq_len": per_example(N, L, device)}
         return TaskData(inputs, labels, slices)
 
 
@@ -101,10 +102,10 @@ def _weighted_draws(generator, num_rows, log_weight, k):
     indices finish is exactly such a sequence of draws, so the k first finishers are it. Times
     are compared as logs, log E_s - log w_s, so extreme weights do not tie at 0 or inf.
     """
-    out = torch.empty(num_rows, k, dtype=torch.int64)
+    out = torch.empty(num_rows, k, dtype=torch.int64, device=log_weight.device)
     for rows in row_chunks(num_rows, log_weight.numel()):
         n = rows.stop - rows.start
-        log_finish = torch.empty(n, log_weight.numel()).exponential_(generator=generator).log_()
+        log_finish = torch.empty(n, log_weight.numel(), device=log_weight.device).exponential_(generator=generator).log_()
         log_finish -= log_weight  # (n, S)
         out[rows] = log_finish.topk(k, dim=1, largest=False).indices  # first finisher first
     return out

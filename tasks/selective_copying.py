@@ -54,15 +54,16 @@ class SelectiveCopying(Task):
 
     def _generate(self, num_examples, generator):
         N, L, V, M = num_examples, self.seq_len, self.vocab_size, self.num_tokens_to_copy
+        device = generator.device
         region = L - M  # data-region length; the answer region is the last M positions
         positions = sample_distinct(generator, N, region, M).sort(dim=1).values  # (N, M)
-        data = torch.randint(FIRST_DATA_TOKEN, V, (N, M), generator=generator)  # (N, M)
+        data = torch.randint(FIRST_DATA_TOKEN, V, (N, M), generator=generator, device=device)  # (N, M)
 
-        inputs = torch.full((N, L), NOISE, dtype=torch.int64)
+        inputs = torch.full((N, L), NOISE, dtype=torch.int64, device=device)
         inputs.scatter_(1, positions, data)
         inputs[:, region] = MARKER
         inputs[:, region + 1 :] = data[:, :-1]
-        labels = torch.full((N, L), IGNORE, dtype=torch.int64)
+        labels = torch.full((N, L), IGNORE, dtype=torch.int64, device=device)
         labels[:, region:] = data
-        slices = {"seq_len": per_example(N, L), "num_tokens_to_copy": per_example(N, M)}
+        slices = {"seq_len": per_example(N, L, device), "num_tokens_to_copy": per_example(N, M, device)}
         return TaskData(inputs, labels, slices)

@@ -35,8 +35,13 @@ def assert_graph_replays_eager(op, static: dict, fresh: dict, names: list[str]):
     no host syncs, nothing of the inputs baked into the graph.
 
     The upstream gradient enters as a factor of a loss made inside the capture: a gradient tensor
-    made outside on the default stream would make the capture wait on that stream (a CUDA error)."""
-    out = op(**static)
+    made outside on the default stream would make the capture wait on that stream (a CUDA error).
+    Nothing of an autograd graph from before the capture may stay alive either (its gradient
+    accumulators belong to the default stream): the inputs are made leaves (a packed input is a view,
+    whose graph holds its base's accumulator) and the output's shape is taken without a graph."""
+    static = {k: v.detach().requires_grad_(v.requires_grad) for k, v in static.items()}  # same storage, strides
+    with torch.no_grad():
+        out = op(**static)
     dout = torch.randn(out.shape, device=out.device, dtype=out.dtype)
 
     def step():

@@ -51,7 +51,9 @@ def test_captured_step_trains_as_the_eager_step(tmp_path, model, precision):
     gap = (graphed - eager).abs()[-100:].mean().item()
     print(f"{model} {precision}: loss {eager[0]:.3f} -> {eager[-1]:.3f}; |graph - eager| {gap:.2e}, "
           f"|eager - eager| {noise:.2e}")
-    assert eager[-20:].mean() < 0.6 * eager[:20].mean()  # it trained (from ln V = 9.0)
+    # It trained (from ln V = 9.0; attention at its lr 1e-3 is still on MQAR's plateau at 200 steps, 7.7),
+    # so the comparison is between moving models.
+    assert eager[-20:].mean() < 0.9 * eager[:20].mean()
     assert gap <= 3 * noise + 0.02 * eager[-100:].mean().item()
     assert abs(graphed_metrics["test/acc"] - eager_metrics["test/acc"]) < 0.05
 

@@ -112,3 +112,38 @@ def test_batches_cover_every_example_once_in_an_order_of_seed_and_epoch():
     # Two processes: disjoint halves of the same order, padded to equal length by wrapping.
     shards = [order(Batches(tensors, 4, shuffle=True, seed=3, epoch_fn=lambda: 1, rank=r, world=3)) for r in range(3)]
     assert [len(s) for s in shards] == [4, 4, 4] and set(sum(shards, [])) == set(range(n))
+
+
+def test_fresh_data_is_new_every_epoch_and_a_function_of_the_epoch(monkeypatch):
+    """Each epoch trains on new examples, generated in blocks of whole batches; the same epoch gives
+    the same examples (a resumed run sees what the uninterrupted one did)."""
+    monkeypatch.setattr("tasks.data.FRESH_BLOCK_TOKENS", 3 * MQAR["batch_size"] * MQAR["seq_len"])  # 3 batches a block
+    dm = TaskDataModule(**{**MQAR, "num_train": 100}, fresh_train=True)
+    dm.setup()
+    inputs = lambda epoch: torch.cat([b["inputs"] for b in at_epoch(dm, epoch).train_dataloader()])
+    first = inputs(0)
+    assert len(at_epoch(dm, 0).train_dataloader()) == 7 and len(first) == 100
+    assert len({tuple(x) for x in first.tolist()}) == 100, "no block repeats another's examples"
+    assert torch.equal(inputs(0), first) and not torch.equal(inputs(1)[:16], first[:16])
+    with pytest.raises(ValueError, match=r"^fresh_train: .*reload_dataloaders_every_n_epochs=1, not 0"):
+        at_epoch(dm, 0, reload=0).train_dataloader()
+
+
+def test_fresh_data_under_ddp_is_each_processes_own_share():
+    dm = TaskDataModule(**{**MQAR, "num_train": 100}, fresh_train=True)
+    dm.setup()
+    shares = []
+    for rank in range(2):
+        at_epoch(dm, 0).trainer.global_rank, dm.trainer.world_size = rank, 2
+        shares.append(torch.cat([b["inputs"] for b in dm.train_dataloader()]))
+    assert [len(s) for s in shares] == [50, 50] and not torch.equal(shares[0], shares[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fresh_train", [False, True])
+def test_data_is_made_on_the_trainers_device(fresh_train):
+    dm = TaskDataModule(**MQAR, fresh_train=fresh_train)
+    at_epoch(dm, 0).trainer.strategy.root_device = torch.device("cuda:0")
+    dm.setup()
+    assert dm.data["val"].inputs.is_cuda and dm.data["test"].labels.is_cuda
+    assert all(v.is_cuda for b in dm.train_dataloader() for v in b.values())

@@ -8,7 +8,7 @@ import torch
 from omegaconf import OmegaConf
 
 from tasks import available_tasks, make_dataset, make_task, task_class
-from tasks.base import IGNORE, Task, sample_distinct
+from tasks.base import IGNORE, Task, TaskData, sample_distinct
 from tasks.data import TaskDataModule
 from tasks.induction_heads import TRIGGER
 from tasks.selective_copying import MARKER, NOISE
@@ -28,17 +28,29 @@ def params_of(name) -> dict:
             if k not in module_keys and k != "_target_"}
 
 
+# Data is made on the training device: every task's contract and semantics hold on the GPU too.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def generate(name, num_examples, seed, device, **params) -> TaskData:
+    """`name`'s data generated on `device`, brought to the CPU to be checked."""
+    data = make_task(name, **params).generate(num_examples, seed, device)
+    assert data.inputs.device.type == device and all(v.device.type == device for v in data.slices.values())
+    return TaskData(data.inputs.cpu(), data.labels.cpu(), {k: v.cpu() for k, v in data.slices.items()})
+
+
 def test_available_tasks_are_the_task_files():
     assert {"mqar", "selective_copying", "induction_heads"} <= set(TASKS)
     assert "base" not in TASKS and "data" not in TASKS
 
 
 # -- the contract, for every task --------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", TASKS)
-def test_contract(name):
+def test_contract(name, device):
     params = params_of(name)
     N, L, V = 50, params["seq_len"], params["vocab_size"]
-    data = make_dataset(name, num_examples=N, seed=0, **params)
+    data = generate(name, N, 0, device, **params)
     assert data.inputs.shape == data.labels.shape == (N, L)
     assert data.inputs.dtype == data.labels.dtype == torch.int64
     assert 0 <= data.inputs.min() and data.inputs.max() < V
@@ -53,11 +65,11 @@ def test_contract(name):
     assert (task.vocab_size, task.seq_len) == (V, L)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", TASKS)
-def test_seeded_and_pure(name):
-    a = make_dataset(name, num_examples=20, seed=3, **params_of(name))
-    b = make_dataset(name, num_examples=20, seed=3, **params_of(name))
-    c = make_dataset(name, num_examples=20, seed=4, **params_of(name))
+def test_seeded_and_pure(name, device):
+    a, b = (generate(name, 20, 3, device, **params_of(name)) for _ in range(2))
+    c = generate(name, 20, 4, device, **params_of(name))
     assert torch.equal(a.inputs, b.inputs) and torch.equal(a.labels, b.labels)
     assert a.slices.keys() == b.slices.keys()
     assert all(torch.equal(a.slices[k], b.slices[k]) for k in a.slices)
@@ -66,10 +78,11 @@ def test_seeded_and_pure(name):
 
 
 # -- sampling helper ---------------------------------------------------------------------------
-def test_sample_distinct_is_uniform_in_set_and_order():
-    g = torch.Generator().manual_seed(0)
+@pytest.mark.parametrize("device", DEVICES)
+def test_sample_distinct_is_uniform_in_set_and_order(device):
+    g = torch.Generator(device).manual_seed(0)
     N, P, k = 30_000, 5, 3
-    draws = sample_distinct(g, N, P, k)  # (N, k)
+    draws = sample_distinct(g, N, P, k).cpu()  # (N, k)
     assert draws.shape == (N, k) and draws.min() >= 0 and draws.max() < P
     assert (draws.sort(dim=1).values.diff(dim=1) > 0).all(), "distinct within a row"
     # Every value is in a row with probability k/P, and in each column with probability 1/P.
@@ -78,14 +91,15 @@ def test_sample_distinct_is_uniform_in_set_and_order():
     for col in range(k):
         assert torch.allclose(torch.bincount(draws[:, col], minlength=P) / N,
                               torch.full((P,), 1 / P), atol=0.02)
-    full = sample_distinct(g, 100, 7, 7)
+    full = sample_distinct(g, 100, 7, 7).cpu()
     assert torch.equal(full.sort(dim=1).values, torch.arange(7).expand(100, 7))
 
 
 # -- MQAR --------------------------------------------------------------------------------------
-def test_mqar_by_brute_force():
+@pytest.mark.parametrize("device", DEVICES)
+def test_mqar_by_brute_force(device):
     V, L, K = 64, 32, 4
-    data = make_dataset("mqar", num_examples=30, seed=0, vocab_size=V, seq_len=L, num_kv_pairs=K)
+    data = generate("mqar", 30, 0, device, vocab_size=V, seq_len=L, num_kv_pairs=K)
     for x, y in zip(data.inputs.tolist(), data.labels.tolist()):
         keys, values = x[0 : 2 * K : 2], x[1 : 2 * K : 2]
         assert len(set(keys)) == K and all(1 <= k < V // 2 for k in keys)
@@ -99,10 +113,10 @@ def test_mqar_by_brute_force():
     assert (data.slices["num_kv_pairs"] == K).all() and (data.slices["seq_len"] == L).all()
 
 
-def test_mqar_random_non_queries():
+@pytest.mark.parametrize("device", DEVICES)
+def test_mqar_random_non_queries(device):
     V, L, K = 64, 32, 4
-    data = make_dataset("mqar", num_examples=200, seed=0, vocab_size=V, seq_len=L, num_kv_pairs=K,
-                        random_non_queries=True)
+    data = generate("mqar", 200, 0, device, vocab_size=V, seq_len=L, num_kv_pairs=K, random_non_queries=True)
     scored = data.labels != IGNORE
     filler = ~scored
     filler[:, : 2 * K] = False
@@ -121,12 +135,12 @@ def _first_key_slot(data, K):
     return (pos - 2 * K) // 2
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("power_a", [0.01, 1.0])
-def test_mqar_query_slot_distribution(power_a):
+def test_mqar_query_slot_distribution(power_a, device):
     # The first draw picks slot s with probability ∝ a·(s+1)^(a-1); k_1 goes to the first draw.
     V, L, K, N = 128, 64, 4, 20_000
-    data = make_dataset("mqar", num_examples=N, seed=1, vocab_size=V, seq_len=L, num_kv_pairs=K,
-                        power_a=power_a)
+    data = generate("mqar", N, 1, device, vocab_size=V, seq_len=L, num_kv_pairs=K, power_a=power_a)
     S = (L - 2 * K) // 2
     p = torch.tensor([power_a * g ** (power_a - 1) for g in range(1, S + 1)], dtype=torch.float64)
     freq = torch.bincount(_first_key_slot(data, K), minlength=S).double() / N
@@ -149,10 +163,10 @@ def test_mqar_queries_bunch_near_the_start():
 
 
 # -- selective copying -------------------------------------------------------------------------
-def test_selective_copying_answer_is_the_data_in_order():
+@pytest.mark.parametrize("device", DEVICES)
+def test_selective_copying_answer_is_the_data_in_order(device):
     V, L, M = 8, 32, 4
-    data = make_dataset("selective_copying", num_examples=100, seed=0, vocab_size=V, seq_len=L,
-                        num_tokens_to_copy=M)
+    data = generate("selective_copying", 100, 0, device, vocab_size=V, seq_len=L, num_tokens_to_copy=M)
     x, y = data.inputs, data.labels
     assert (y[:, : L - M] == IGNORE).all() and (y[:, L - M :] >= 2).all()
     region = x[:, : L - M]
@@ -166,10 +180,11 @@ def test_selective_copying_answer_is_the_data_in_order():
 
 
 # -- induction heads ---------------------------------------------------------------------------
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("L", [8, 32, 2**20])
-def test_induction_heads(L):
+def test_induction_heads(L, device):
     N = 2 if L == 2**20 else 2000
-    data = make_dataset("induction_heads", num_examples=N, seed=0, vocab_size=16, seq_len=L)
+    data = generate("induction_heads", N, 0, device, vocab_size=16, seq_len=L)
     x, y = data.inputs, data.labels
     is_trigger = x == TRIGGER
     assert (is_trigger.sum(dim=1) == 2).all() and is_trigger[:, -1].all()
