@@ -284,7 +284,7 @@ class TaskDataModule(L.LightningDataModule):
                 what = "curriculum" if self.curriculum else "fresh_train"
                 raise ValueError(f"{what}: the Trainer must reload the training data every epoch "
                                  f"(reload_dataloaders_every_n_epochs=1, not {reload})")
-            if stage != self._train_stage:
+            if self.curriculum and stage != self._train_stage:
                 what = ("the task" if stage == len(self.curriculum)
                         else ", ".join(f"{k}={v}" for k, v in self.curriculum[stage].overrides.items()))
                 rank_zero_info(f"curriculum: epoch {self._epoch()} trains on stage {stage + 1}/"

@@ -1,5 +1,5 @@
-"""Selective scan (Mamba-1's S6 layer) in plain PyTorch: the parallel reference, the per-token
-oracle and the one-token state update.
+"""Selective scan (Mamba-1's S6 layer) in plain PyTorch: the reference (a token loop in place,
+with a closed-form backward), the per-token oracle and the one-token state update.
 
 Glossary (Mamba paper, arXiv 2312.00752): per channel d and state index n, a real A_{d,n} < 0 and
 a step size Δ_{t,d},
@@ -47,54 +47,18 @@ def _skip_and_gate(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, D_s
     return y
 
 
-def _linear_scan(a: Tensor, b: Tensor, reverse: bool = False) -> Tensor:
-    """h_t = a_t·h_{t−1} + b_t along dim −2 from h_{−1} = 0; a, b, h: (..., l, k).
-    reverse: h_t = a_t·h_{t+1} + b_t from h_l = 0 instead (the adjoint of the forward scan).
-
-    Odd–even reduction: fold each pair of neighbours into one step, (a, b) then (a', b') giving
-    (a'·a, a'·b + b'), scan the half-length sequence recursively (it yields h at the second of
-    each pair), then fill in the first ones. Only products of decays (each ≤ 1) are formed, so
-    nothing overflows at any Δ; the depth is log2(l) and the work is O(l).
-    """
-    l = a.shape[-2]
-    if l == 1:
-        return b
-    if l % 2:  # scan all but the token that comes last in scan order, then append it
-        if reverse:
-            h = _linear_scan(a[..., 1:, :], b[..., 1:, :], reverse)
-            return torch.cat([torch.addcmul(b[..., :1, :], a[..., :1, :], h[..., :1, :]), h], dim=-2)
-        h = _linear_scan(a[..., :-1, :], b[..., :-1, :])
-        return torch.cat([h, torch.addcmul(b[..., -1:, :], a[..., -1:, :], h[..., -1:, :])], dim=-2)
-    # unbind rather than strided slices: its backward is one stack, not a zero-fill and copy per slice
-    a_even, a_odd = a.unflatten(-2, (l // 2, 2)).unbind(-2)  # (..., l/2, k) each
-    b_even, b_odd = b.unflatten(-2, (l // 2, 2)).unbind(-2)
-    if reverse:  # the pair's later token (odd) comes first in scan order
-        h_even = _linear_scan(a_even * a_odd, torch.addcmul(b_even, a_even, b_odd), reverse)  # h_0, h_2, ...
-        h_after_odd = F.pad(h_even[..., 1:, :], (0, 0, 0, 1))  # h_2, h_4, ..., h_l = 0
-        h_odd = torch.addcmul(b_odd, a_odd, h_after_odd)  # h_1, h_3, ...
-    else:
-        h_odd = _linear_scan(a_odd * a_even, torch.addcmul(b_odd, a_odd, b_even))  # h_1, h_3, ...
-        h_before_even = F.pad(h_odd[..., :-1, :], (0, 0, 1, 0))  # h_{−1} = 0, h_1, h_3, ...
-        h_even = torch.addcmul(b_even, a_even, h_before_even)  # h_0, h_2, ...
-    return torch.stack([h_even, h_odd], dim=-2).flatten(-3, -2)  # interleave back to (..., l, k)
-
-
 def _groups(B: Tensor) -> Tensor:
     """B or C as (batch, g, n, l): rank 3 means one group shared by every channel."""
     return B[:, None] if B.dim() == 3 else B
 
 
-def _shift(x: Tensor, steps: int) -> Tensor:
-    """x moved `steps` tokens along dim 2 (later if > 0, earlier if < 0), zero-filled."""
-    pad = [0, 0] * (x.dim() - 3) + ([steps, 0] if steps > 0 else [0, -steps])
-    return F.pad(x[:, :, :-steps] if steps > 0 else x[:, :, -steps:], pad)
-
-
 class _ScanFn(torch.autograd.Function):
-    """h_t = exp(Δ_t·A)⊙h_{t−1} + Δ_t·u_t·B_t and y_t = h_t·C_t, time-major, with the backward in
-    closed form: one reverse scan for the adjoint λ_t = ∂L/∂h_t + exp(Δ_{t+1}·A)⊙λ_{t+1}, then
-    products with the saved h. Autograd through the odd–even scan would keep every level of it;
-    this keeps h alone and is about twice as fast on a CPU.
+    """h_t = exp(Δ_t·A)⊙h_{t−1} + Δ_t·u_t·B_t and y_t = h_t·C_t, time-major, stepped token by token:
+    each step works on one token's (b, g, r, n) state, which stays in cache. On a CPU this is memory
+    bound, and a log-depth scan over the whole (b, g, l, r, n) tensor passes through memory a dozen
+    times (the odd–even scan this replaced made the default Mamba-1 job's step 2-3x slower; see
+    README, "CPU defaults"). The backward is in closed form, one reverse loop: the adjoint
+    λ_t = ∂L/∂h_t + exp(Δ_{t+1}·A)⊙λ_{t+1}, and each token's gradients taken while λ_t is in cache.
 
     delta, u: (b, g, l, r), A: (g, r, n), B, C: (b, g, l, n) -> y (b, g, l, r), h_last (b, g, r, n).
     All five come in the compute dtype and both passes stay in it with autocast off: autocast would
@@ -104,9 +68,10 @@ class _ScanFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, delta, u, A, B, C):
         with torch.autocast(delta.device.type, enabled=False):
-            decay = torch.exp(delta[..., None] * A[:, None])  # (b, g, l, r, n): exp(Δ_t·A) ∈ (0, 1]
-            x = (delta * u)[..., None] * B[:, :, :, None]  # Δ_t·u_t·B_t
-            h = _linear_scan(decay.flatten(-2), x.flatten(-2)).view_as(x)
+            h = (delta * u)[..., None] * B[:, :, :, None]  # (b, g, l, r, n): Δ_t·u_t·B_t, then h_t in place
+            for t in range(1, h.shape[2]):
+                decay = torch.exp(delta[:, :, t, :, None] * A)  # exp(Δ_t·A) ∈ (0, 1]
+                h[:, :, t].addcmul_(decay, h[:, :, t - 1])
             ctx.save_for_backward(delta, u, A, B, C, h)
             return (h @ C[..., None]).squeeze(-1), h[:, :, -1]  # y_t = Σ_n C_t h_t
 
@@ -114,18 +79,25 @@ class _ScanFn(torch.autograd.Function):
     def backward(ctx, dy, dh_last):
         with torch.autocast(dy.device.type, enabled=False):
             delta, u, A, B, C, h = ctx.saved_tensors
-            dh = dy[..., None] * C[:, :, :, None]  # (b, g, l, r, n): ∂L/∂h_t through y_t
-            dh[:, :, -1] += dh_last
-            decay = torch.exp(delta[..., None] * A[:, None])
-            next_decay = _shift(decay, -1)  # exp(Δ_{t+1}·A), 0 after the last token
-            lam = _linear_scan(next_decay.flatten(-2), dh.flatten(-2), reverse=True).view_as(h)
-            d_log_decay = lam * _shift(h, 1) * decay  # ∂L/∂(Δ_t·A) = λ_t ⊙ h_{t−1} ⊙ exp(Δ_t·A)
-            d_delta_u = (lam @ B[..., None]).squeeze(-1)  # (b, g, l, r): Σ_n λ_t B_t
-            d_delta = (d_log_decay * A[:, None]).sum(-1) + d_delta_u * u
-            dA = (d_log_decay * delta[..., None]).sum((0, 2))  # (g, r, n)
-            dB = ((delta * u)[..., None, :] @ lam).squeeze(-2)  # (b, g, l, n): Σ_r Δ_t u_t λ_t
-            dC = (dy[..., None, :] @ h).squeeze(-2)  # Σ_r dy_t h_t
-            return d_delta, d_delta_u * delta, dA, dB, dC
+            delta_u = delta * u  # (b, g, l, r)
+            d_log_delta = torch.zeros_like(delta)  # Σ_n ∂L/∂(Δ_t·A)·A: Δ's gradient through the decay
+            d_delta_u = torch.empty_like(delta)  # Σ_n λ_t B_t: the gradient of Δ_t·u_t
+            dA, dB = torch.zeros_like(A), torch.empty_like(B)
+            lam, next_decay = dh_last, None  # (b, g, r, n); exp(Δ_{t+1}·A), none after the last token
+            for t in reversed(range(h.shape[2])):
+                dh = dy[:, :, t, :, None] * C[:, :, t, None, :]  # ∂L/∂h_t through y_t
+                lam = dh + lam if next_decay is None else torch.addcmul(dh, next_decay, lam)
+                d_delta_u[:, :, t] = (lam @ B[:, :, t, :, None]).squeeze(-1)
+                dB[:, :, t] = (delta_u[:, :, t, None, :] @ lam).squeeze(-2)  # Σ_r Δ_t u_t λ_t
+                if t == 0:
+                    break  # h_{−1} = 0: the first decay has no gradient
+                decay = torch.exp(delta[:, :, t, :, None] * A)
+                d_log_decay = lam * decay * h[:, :, t - 1]  # ∂L/∂(Δ_t·A) = λ_t ⊙ h_{t−1} ⊙ exp(Δ_t·A)
+                d_log_delta[:, :, t] = (d_log_decay * A).sum(-1)
+                dA += (d_log_decay * delta[:, :, t, :, None]).sum(0)
+                next_decay = decay
+            dC = (dy[..., None, :] @ h).squeeze(-2)  # (b, g, l, n): Σ_r dy_t h_t
+            return d_log_delta + d_delta_u * u, d_delta_u * delta, dA, dB, dC
 
 
 def selective_scan_ref(
@@ -140,8 +112,8 @@ def selective_scan_ref(
     delta_softplus: bool = False,
     return_last_state: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """Parallel selective scan over the whole length (log-depth odd–even scan, see _linear_scan;
-    closed-form backward, see _ScanFn).
+    """Selective scan over the whole length, token by token in place, with a closed-form backward
+    (see _ScanFn).
 
     u, delta, z: (b, d, l), A: (d, n), B, C: (b, n, l) or (b, g, n, l), D, delta_bias: (d,).
     Returns y: (b, d, l) in u.dtype, and the last state (b, d, n) when return_last_state.
@@ -154,8 +126,8 @@ def selective_scan_ref(
     r = d // g
     dtype = _compute_dtype(u)
     delta = _delta(delta.to(dtype), None if delta_bias is None else delta_bias[:, None], delta_softplus)
-    # Time-major (b, g, l, r, n): each token's state is one contiguous block, which keeps the scan's
-    # even/odd halves dense and lets C read h out with a plain batched matmul.
+    # Time-major (b, g, l, r, n): each token's state is one contiguous block, which keeps a step's
+    # slices dense and lets C read h out with a plain batched matmul.
     delta_t = delta.view(batch, g, r, l).transpose(-1, -2).contiguous()  # (b, g, l, r)
     u_t = u.to(dtype).view(batch, g, r, l).transpose(-1, -2).contiguous()
     B, C = (M.to(dtype).transpose(-1, -2).contiguous() for M in (B, C))  # (b, g, l, n)
