@@ -5,8 +5,7 @@ parameters, its `__post_init__` validates them (calling `super().__post_init__()
 `_generate(num_examples, generator)` builds the whole dataset with batched tensor operations (no
 Python loop per example) on `generator.device`, drawing every random number from `generator` so that
 the data is a pure function of the parameters, the seed and the kind of device (a training run
-generates its data on its GPU, where it is made in milliseconds; CUDA's random streams are not the
-CPU's).
+generates its data on its own device; CUDA's random streams are not the CPU's).
 
 Also here: the validation and sampling helpers the tasks share.
 """

@@ -102,10 +102,11 @@ def _weighted_draws(generator, num_rows, log_weight, k):
     indices finish is exactly such a sequence of draws, so the k first finishers are it. Times
     are compared as logs, log E_s - log w_s, so extreme weights do not tie at 0 or inf.
     """
-    out = torch.empty(num_rows, k, dtype=torch.int64, device=log_weight.device)
+    device = log_weight.device
+    out = torch.empty(num_rows, k, dtype=torch.int64, device=device)
     for rows in row_chunks(num_rows, log_weight.numel()):
         n = rows.stop - rows.start
-        log_finish = torch.empty(n, log_weight.numel(), device=log_weight.device).exponential_(generator=generator).log_()
+        log_finish = torch.empty(n, log_weight.numel(), device=device).exponential_(generator=generator).log_()
         log_finish -= log_weight  # (n, S)
         out[rows] = log_finish.topk(k, dim=1, largest=False).indices  # first finisher first
     return out
