@@ -24,6 +24,13 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # Triton's CPU interprete
 _MAX_KEYS = 256  # a kernel called at ever new shapes (a sweep over lengths) starts over past this
 
 
+def autotune(configs, key, **kwargs):
+    """`triton.autotune` with its choices kept on disk, in Triton's cache beside the compiled kernels:
+    a new process at known shapes (a sweep's next trial, a resumed run) loads them instead of timing
+    every config again, which a run's first step otherwise waits for. The interpreter keeps nothing."""
+    return triton.autotune(configs=configs, key=key, cache_results=True, **kwargs)
+
+
 def launch_key(device: int, args: tuple, kwargs: dict) -> tuple:
     """What decides which compiled kernel a launch needs, and every value baked into it as a constant."""
     # One comprehension, ints tested first: this runs on every launch, and most arguments are ints.

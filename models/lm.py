@@ -17,10 +17,11 @@ from torch import Tensor, nn
 from models.attention import Attention
 from models.mamba1 import Mamba1
 from models.mamba2 import Mamba2
+from models.norm import RMSNorm
 
 MIXERS = ("mamba2", "attention", "mamba1", "hybrid")
 POSITIONS = ("none", "learned", "rope")
-NORMS = {"rmsnorm": nn.RMSNorm, "layernorm": nn.LayerNorm}
+NORMS = {"rmsnorm": RMSNorm, "layernorm": nn.LayerNorm}
 INITS = ("mixer", "normal")
 
 

@@ -1,7 +1,7 @@
 """The Triton gated RMSNorm (kernels/gated_norm/triton.py) against its PyTorch twin `gated_rms_norm_ref`
 run in fp64 on the same (rounded) inputs: the output and the gradients of y, z and weight with random
-upstream gradients, over one and several groups, z a strided slice of a packed projection; dispatch;
-CUDA-graph capture.
+upstream gradients, over one and several groups, z a strided slice of a packed projection, and without
+a gate (z = None: the blocks' plain RMSNorm); dispatch; CUDA-graph capture.
 
 Unmarked tests run at tiny shapes on the CPU under TRITON_INTERPRET=1 (as CI runs them) or on a GPU:
 row counts that are not a multiple of the interpreter's blocks (4 rows, backward chunks of 8) and
@@ -39,29 +39,33 @@ class Case:
     ngroups: int
     dtype: torch.dtype = torch.float32
     packed: bool = True  # z a slice of a wider tensor, as in_proj's output; else contiguous
+    gated: bool = True  # False: no z (the plain RMSNorm)
 
     def __str__(self):
         dims = "x".join(map(str, self.lead)) + f"-d{self.d}-g{self.ngroups}"
-        return "-".join([dims, str(self.dtype).removeprefix("torch."), *(["packed"] if self.packed else [])])
+        flags = ["packed"] * (self.packed and self.gated) + ["ungated"] * (not self.gated)
+        return "-".join([dims, str(self.dtype).removeprefix("torch."), *flags])
 
 
 def make_inputs(case: Case, seed: int = 0) -> dict[str, torch.Tensor]:
     """y (the SSD output, contiguous) and z (a view into a packed tensor when case.packed) in case.dtype,
-    weight fp32 around 1. z is a non-leaf view when packed; all three require grad."""
+    weight fp32 around 1. z is a non-leaf view when packed, left out when not gated; all require grad."""
     gen = torch.Generator().manual_seed(seed)
     width = 2 * case.d + 13 if case.packed else case.d  # z first, as in [z, x, B, C, dt]; odd row stride
     packed = torch.randn(*case.lead, width, generator=gen).to(DEVICE, case.dtype).requires_grad_()
-    return dict(
+    inputs = dict(
         y=torch.randn(*case.lead, case.d, generator=gen).to(DEVICE, case.dtype).requires_grad_(),
         z=packed[..., : case.d] if case.packed else packed,
         weight=(1 + 0.3 * torch.randn(case.d, generator=gen)).to(DEVICE).requires_grad_(),
     )
+    return inputs if case.gated else {k: v for k, v in inputs.items() if k != "z"}
 
 
 def check_against_ref(case: Case, inputs: dict, norm=gated_rms_norm_triton):
     group_size = case.d // case.ngroups
-    out = assert_matches_fp64_reference(str(case), lambda **t: norm(**t, group_size=group_size, eps=EPS),
-                                        lambda **t: gated_rms_norm_ref(**t, group_size=group_size, eps=EPS), inputs,
+    out = assert_matches_fp64_reference(str(case), lambda z=None, **t: norm(z=z, **t, group_size=group_size, eps=EPS),
+                                        lambda z=None, **t: gated_rms_norm_ref(z=z, **t, group_size=group_size,
+                                                                               eps=EPS), inputs,
                                         TOL[case.dtype], {"weight": TOL_SUMMED[case.dtype]})
     assert out.dtype == case.dtype and out.shape == (*case.lead, case.d)
 
@@ -73,6 +77,8 @@ TINY = [
     Case((27,), 40, 1, packed=False),
     Case((1, 3), 24, 2),  # fewer rows than a block
     Case((2, 11), 48, 2, torch.bfloat16),
+    Case((2, 13), 40, 1, gated=False),
+    Case((2, 11), 48, 1, torch.bfloat16, gated=False),
 ]
 
 
@@ -98,6 +104,8 @@ def test_reference_is_the_models_norm():
     g = (y * torch.nn.functional.silu(z)).view(3, 2, 4)
     expected = (g / g.pow(2).mean(-1, keepdim=True).add(1e-5).sqrt()).view(3, 8) * w
     torch.testing.assert_close(gated_rms_norm_ref(y, z, w, 4), expected)
+    # ungated, over the whole row: torch's RMSNorm, which models/norm.py's RMSNorm replaced
+    torch.testing.assert_close(gated_rms_norm_ref(y, None, w, 8), torch.nn.functional.rms_norm(y, (8,), w, 1e-5))
 
 
 def test_strided_equals_contiguous():
@@ -121,6 +129,7 @@ GPU_CASES = [Case((128, 256), d, 1, torch.bfloat16) for d in (256, 320, 640)] + 
     Case((128, 256), 512, 2, torch.bfloat16),
     Case((64, 256), 384, 1, torch.float32),
     Case((3, 1000), 1280, 4, torch.bfloat16, packed=False),
+    Case((128, 256), 128, 1, torch.float32, gated=False),  # the LM's norms at d_model 128
 ]
 
 

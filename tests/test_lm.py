@@ -10,6 +10,7 @@ from models.attention import Attention
 from models.lm import LM
 from models.mamba1 import Mamba1
 from models.mamba2 import Mamba2
+from models.norm import RMSNorm
 
 VOCAB, D_MODEL, SEQLEN, BATCH = 13, 16, 10, 2
 SIZES = dict(n_heads=2, d_state=4, headdim=8, ngroups=2, chunk_size=4)  # flat, as Hydra passes them
@@ -138,7 +139,7 @@ def test_tied_head_is_the_embedding_and_learns_as_one():
     assert make_lm("mamba2", tie_embeddings=False).head.weight is not make_lm("mamba2").embedding.weight
 
 
-@pytest.mark.parametrize("norm, cls", [("rmsnorm", torch.nn.RMSNorm), ("layernorm", torch.nn.LayerNorm)])
+@pytest.mark.parametrize("norm, cls", [("rmsnorm", RMSNorm), ("layernorm", torch.nn.LayerNorm)])
 def test_norm_choice(norm, cls):
     lm = make_lm("attention-rope-mlp", norm=norm)
     norms = [lm.norm_f] + [n for b in lm.blocks for n in (b.norm, b.mlp_norm)]

@@ -32,7 +32,7 @@ import triton.language as tl
 
 from kernels import cdiv, next_pow2
 from kernels.conv1d.reference import check_activation
-from kernels.launch import INTERPRET, fast_launch
+from kernels.launch import INTERPRET, autotune, fast_launch
 
 MIN_WIDTH, MAX_WIDTH = 2, 4  # mamba_ssm's range; wider convs would hold more shifted tiles in registers
 # Rows a backward program walks: its dw and dbias partials are one (W + 1, channels) row per program
@@ -43,7 +43,7 @@ _CHUNK_L = 16 if INTERPRET else 128
 def _autotune(configs, key):
     """`triton.autotune` on the GPU; the interpreter cannot time kernels, so it gets the last config:
     tiles small enough that tiny test shapes span several of them in both directions."""
-    return triton.autotune(configs=configs[-1:] if INTERPRET else configs[:-1], key=key)
+    return autotune(configs[-1:] if INTERPRET else configs[:-1], key)
 
 
 def _configs(tiles, interpret_tile):

@@ -2,7 +2,8 @@
 `reference.py`, "triton" is `triton.py`, "auto" picks Triton for CUDA tensors.
 
     out = RMSNorm(y · silu(z)) · weight over groups of group_size channels (mamba_ssm's
-          `rmsnorm_fn(y, weight, None, z=z, group_size=group_size, norm_before_gate=False)`)
+          `rmsnorm_fn(y, weight, None, z=z, group_size=group_size, norm_before_gate=False)`);
+          with z = None, the plain RMSNorm(y) · weight (mamba_ssm's `RMSNorm`)
 
 Shapes:
     y, z, out:  (..., d)     z may be a slice of in_proj's output (unit channel stride)
@@ -20,10 +21,10 @@ _TRITON = "kernels.gated_norm.triton"
 
 
 def gated_rms_norm(
-    y: Tensor, z: Tensor, weight: Tensor, group_size: int, eps: float = 1e-5, backend: str = "auto"
+    y: Tensor, z: Tensor | None, weight: Tensor, group_size: int, eps: float = 1e-5, backend: str = "auto"
 ) -> Tensor:
-    """RMSNorm(y · silu(z)) · weight, each group of group_size channels normalised on its own, with fp32
-    statistics. Returns (..., d) in y's dtype."""
+    """RMSNorm(y · silu(z)) · weight (RMSNorm(y) · weight when z is None), each group of group_size
+    channels normalised on its own, with fp32 statistics. Returns (..., d) in y's dtype."""
     impl = load_backend(_TRITON, backend, y)
     norm = gated_rms_norm_ref if impl is None else impl.gated_rms_norm_triton
     return norm(y, z, weight, group_size, eps)

@@ -1,7 +1,7 @@
 """Gated RMSNorm (gate before the norm) in Triton, forward and backward.
 
 Per row and group of G = group_size channels, in fp32 (σ the logistic function):
-    g = y·silu(z),   r = 1/√(mean(g²) + eps),   n = g·r,   out = n·w
+    g = y·silu(z) (g = y without a gate: the plain RMSNorm),   r = 1/√(mean(g²) + eps),   n = g·r,   out = n·w
 Backward, from dout:
     dn = dout·w,   dg = r·(dn − n·mean(dn·n)),   dy = dg·silu(z),   dz = dg·y·σ(z)·(1 + z·(1 − σ(z))),
     dw = Σ_rows dout·n
@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels import cdiv, next_pow2
-from kernels.launch import INTERPRET, fast_launch
+from kernels.launch import INTERPRET, autotune, fast_launch
 
 # Rows a backward program walks: its dw partial is one (d,) row a program, so chunks bound the partials'
 # size (rows/CHUNK_M rows of d) while keeping enough programs (512 at 32k rows).
@@ -38,14 +38,14 @@ def _autotune(configs, key, per_thread):
     tiles, the forward ~3). The interpreter cannot time kernels, so it gets the last config: blocks of
     few rows, so that tiny test shapes span several."""
     if INTERPRET:
-        return triton.autotune(configs=configs[-1:], key=key)
+        return autotune(configs[-1:], key)
 
     def prune(configs, named_args, **kwargs):
         block_n = kwargs.get("BLOCK_N", named_args.get("BLOCK_N"))
         fit = [c for c in configs if c.kwargs["BLOCK_M"] * block_n <= per_thread * 32 * c.num_warps]
         return fit or [min(configs, key=lambda c: (c.kwargs["BLOCK_M"], -c.num_warps))]
 
-    return triton.autotune(configs=configs[:-1], key=key, prune_configs_by={"early_config_prune": prune})
+    return autotune(configs[:-1], key, prune_configs_by={"early_config_prune": prune})
 
 
 def _configs(block_ms, interpret_block_m):
@@ -68,7 +68,7 @@ def _load(ptr, rows, cols, mask, stride):
 def _gated_norm_fwd_kernel(
     y_ptr, z_ptr, w_ptr, out_ptr, rstd_ptr,
     nrows, group_size, ngroups, eps, s_y, s_z, s_o,
-    BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_Z: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m, group = tl.program_id(0), tl.program_id(1)
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
@@ -76,9 +76,10 @@ def _gated_norm_fwd_kernel(
     cols = group * group_size + offs
     mask_n = offs < group_size
     mask = (rows < nrows)[:, None] & mask_n[None, :]
-    y = _load(y_ptr, rows, cols, mask, s_y)
-    z = _load(z_ptr, rows, cols, mask, s_z)
-    g = y * z * tl.sigmoid(z)
+    g = _load(y_ptr, rows, cols, mask, s_y)
+    if HAS_Z:
+        z = _load(z_ptr, rows, cols, mask, s_z)
+        g = g * z * tl.sigmoid(z)
     rstd = tl.rsqrt(tl.sum(g * g, axis=1) / group_size + eps)  # (BLOCK_M,)
     w = tl.load(w_ptr + cols, mask=mask_n, other=0.0).to(tl.float32)
     out = g * rstd[:, None] * w[None, :]
@@ -92,7 +93,7 @@ def _gated_norm_fwd_kernel(
 def _gated_norm_bwd_kernel(
     y_ptr, z_ptr, w_ptr, rstd_ptr, dout_ptr, dy_ptr, dz_ptr, part_ptr,
     nrows, group_size, ngroups, d, s_y, s_z, s_do, s_dy, s_dz,
-    BLOCK_N: tl.constexpr, CHUNK_M: tl.constexpr, BLOCK_M: tl.constexpr,
+    HAS_Z: tl.constexpr, BLOCK_N: tl.constexpr, CHUNK_M: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
     pid_m, group = tl.program_id(0), tl.program_id(1)
     offs = tl.arange(0, BLOCK_N)
@@ -106,18 +107,25 @@ def _gated_norm_bwd_kernel(
         rows = (row0 + tl.arange(0, BLOCK_M)).to(tl.int64)
         mask = (rows < nrows)[:, None] & mask_n[None, :]
         y = _load(y_ptr, rows, cols, mask, s_y)
-        z = _load(z_ptr, rows, cols, mask, s_z)
         dout = _load(dout_ptr, rows, cols, mask, s_do)
         rstd = tl.load(rstd_ptr + rows * ngroups + group, mask=rows < nrows, other=0.0)[:, None]
-        sig = tl.sigmoid(z)
-        silu_z = z * sig
-        n = y * silu_z * rstd
+        if HAS_Z:
+            z = _load(z_ptr, rows, cols, mask, s_z)
+            sig = tl.sigmoid(z)
+            silu_z = z * sig
+            n = y * silu_z * rstd
+        else:
+            n = y * rstd
         dw += dout * n
         dn = dout * w[None, :]
         dg = rstd * (dn - n * (tl.sum(dn * n, axis=1)[:, None] / group_size))
-        tl.store(dy_ptr + rows[:, None] * s_dy + cols[None, :], (dg * silu_z).to(dy_ptr.dtype.element_ty), mask=mask)
-        dz = dg * y * sig * (1.0 + z * (1.0 - sig))
-        tl.store(dz_ptr + rows[:, None] * s_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        if HAS_Z:
+            tl.store(dy_ptr + rows[:, None] * s_dy + cols[None, :], (dg * silu_z).to(dy_ptr.dtype.element_ty),
+                     mask=mask)
+            dz = dg * y * sig * (1.0 + z * (1.0 - sig))
+            tl.store(dz_ptr + rows[:, None] * s_dz + cols[None, :], dz.to(dz_ptr.dtype.element_ty), mask=mask)
+        else:
+            tl.store(dy_ptr + rows[:, None] * s_dy + cols[None, :], dg.to(dy_ptr.dtype.element_ty), mask=mask)
     tl.store(part_ptr + pid_m.to(tl.int64) * d + cols, tl.sum(dw, axis=0), mask=mask_n)
 
 
@@ -134,8 +142,8 @@ def _gated_norm_fwd(y, z, weight, group_size, eps):
     rstd = torch.empty(nrows, ngroups, device=y.device, dtype=torch.float32)
     grid = lambda META: (cdiv(nrows, META["BLOCK_M"]), ngroups)  # noqa: E731
     _gated_norm_fwd_kernel[grid](
-        y, z, weight, out, rstd, nrows, group_size, ngroups, eps, y.stride(0), z.stride(0), out.stride(0),
-        BLOCK_N=next_pow2(group_size),
+        y, y if z is None else z, weight, out, rstd, nrows, group_size, ngroups, eps, y.stride(0),
+        0 if z is None else z.stride(0), out.stride(0), HAS_Z=z is not None, BLOCK_N=next_pow2(group_size),
     )
     return out, rstd
 
@@ -144,13 +152,14 @@ def _gated_norm_bwd(dout, y, z, weight, rstd, group_size):
     nrows, d = y.shape
     ngroups = d // group_size
     dy = torch.empty(nrows, d, device=y.device, dtype=y.dtype)
-    dz = torch.empty(nrows, d, device=y.device, dtype=z.dtype)
+    dz = None if z is None else torch.empty(nrows, d, device=y.device, dtype=z.dtype)
     nchunks = cdiv(nrows, _CHUNK_M)
     part = torch.empty(nchunks, d, device=y.device, dtype=torch.float32)
+    z_, dz_ = (y, dy) if z is None else (z, dz)  # never read nor written without a gate
     _gated_norm_bwd_kernel[(nchunks, ngroups)](
-        y, z, weight, rstd, dout, dy, dz, part,
-        nrows, group_size, ngroups, d, y.stride(0), z.stride(0), dout.stride(0), dy.stride(0), dz.stride(0),
-        BLOCK_N=next_pow2(group_size), CHUNK_M=_CHUNK_M,
+        y, z_, weight, rstd, dout, dy, dz_, part,
+        nrows, group_size, ngroups, d, y.stride(0), z_.stride(0), dout.stride(0), dy.stride(0), dz_.stride(0),
+        HAS_Z=z is not None, BLOCK_N=next_pow2(group_size), CHUNK_M=_CHUNK_M,
     )
     return dy, dz, part.sum(0).to(weight.dtype)
 
@@ -171,18 +180,19 @@ class GatedRMSNormFn(torch.autograd.Function):
 
 
 def gated_rms_norm_triton(y, z, weight, group_size, eps=1e-5):
-    """RMSNorm(y · silu(z)) · weight over groups of group_size channels, the Triton twin of
-    `gated_rms_norm_ref`.
+    """RMSNorm(y · silu(z)) · weight over groups of group_size channels (RMSNorm(y) · weight when z is
+    None), the Triton twin of `gated_rms_norm_ref`.
 
     y, z: (..., d) with unit channel stride (other strides free; a copy is made otherwise)    weight: (d,)
     Returns (..., d), contiguous, in y's dtype; statistics in fp32. The backward gives dy and dz in their
     dtypes and dweight (summed over rows in fp32) in weight's.
     """
     d = y.shape[-1]
-    if z.shape != y.shape or tuple(weight.shape) != (d,):
-        raise ValueError(f"y{tuple(y.shape)}, z{tuple(z.shape)}, weight{tuple(weight.shape)}: must be (..., d), "
+    if (z is not None and z.shape != y.shape) or tuple(weight.shape) != (d,):
+        z_shape = None if z is None else tuple(z.shape)
+        raise ValueError(f"y{tuple(y.shape)}, z{z_shape}, weight{tuple(weight.shape)}: must be (..., d), "
                          f"(..., d) and (d,)")
     if not (isinstance(group_size, int) and group_size > 0 and d % group_size == 0):
         raise ValueError(f"group_size={group_size!r}: must be a positive integer dividing d={d}")
-    out = GatedRMSNormFn.apply(_rows(y, d), _rows(z, d), weight, group_size, float(eps))
+    out = GatedRMSNormFn.apply(_rows(y, d), None if z is None else _rows(z, d), weight, group_size, float(eps))
     return out.view(y.shape)

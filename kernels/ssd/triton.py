@@ -57,7 +57,7 @@ import triton
 import triton.language as tl
 
 from kernels import cdiv, next_pow2
-from kernels.launch import INTERPRET, fast_launch
+from kernels.launch import INTERPRET, autotune, fast_launch
 
 # Every matrix-product dimension (rows, tokens, P, N) is tiled by at least 64 on the GPU: on Hopper,
 # Triton 3.4-3.6 miscompiles kernels holding two or more tl.dot with 16- or 32-wide tiles (illegal
@@ -68,7 +68,7 @@ _MIN_DOT = 16 if INTERPRET else 64
 
 def _autotune(configs, key):
     """`triton.autotune` on the GPU; the interpreter cannot time kernels, so it gets the first config."""
-    return triton.autotune(configs=configs[:1] if INTERPRET else configs, key=key)
+    return autotune(configs[:1] if INTERPRET else configs, key)
 
 
 # Triton 3.9's interpreter multiplies bf16 operands wrongly in tl.dot; fp32 operands give it the exact
