@@ -25,7 +25,7 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import LearningRateMonitor
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 import run
@@ -173,7 +173,7 @@ def _trainer(cfg, log_dir: Path, name: str, steps: int) -> L.Trainer:
     """A Trainer from cfg.trainer for exactly `steps` steps (looping over the training set), which
     validates `evals_per_stage` times on the way and logs and checkpoints into log_dir/name."""
     logger = hydra.utils.instantiate(cfg.logger, save_dir=str(log_dir), name=name) if cfg.logger else False
-    checkpoint = ModelCheckpoint(dirpath=log_dir / name / "checkpoints", save_last=True, save_top_k=0)
+    checkpoint = run.last_checkpoint(log_dir / name / "checkpoints")
     return run.make_trainer(
         cfg.trainer, default_root_dir=str(log_dir / name), logger=logger,
         callbacks=[checkpoint, LearningRateMonitor(logging_interval="step")],

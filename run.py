@@ -31,11 +31,11 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, MissingConfigException
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
-from models.callbacks import Diverged, FiniteLoss, Throughput
+from models.callbacks import Diverged, FiniteLoss, ProgressBar, Throughput
 from models.lit import LitLM
 
 CONF_DIR = str(Path(__file__).resolve().parent / "conf")
@@ -176,7 +176,7 @@ def make_trainer(trainer_cfg: DictConfig, **kwargs) -> L.Trainer:
     if kwargs.get("enable_progress_bar", trainer_cfg.get("enable_progress_bar")):
         # Redrawn at logging steps only: each redraw reads the loss, which waits for the GPU.
         every = trainer_cfg.get("log_every_n_steps") or 1
-        kwargs["callbacks"] = [*kwargs.get("callbacks", []), TQDMProgressBar(refresh_rate=every)]
+        kwargs["callbacks"] = [*kwargs.get("callbacks", []), ProgressBar(refresh_rate=every)]
     return hydra.utils.instantiate(trainer_cfg, **kwargs)
 
 
@@ -378,9 +378,17 @@ def _write_json(path: Path, obj):
     tmp.replace(path)
 
 
+def last_checkpoint(dirpath) -> ModelCheckpoint:
+    """`dirpath`/last.ckpt, written at every validation: the newest state, to resume from. Not
+    ModelCheckpoint's `save_last`, which (Lightning 2.6) writes last.ckpt only when it also writes a
+    monitored checkpoint: a run whose val/acc stalled kept an old last.ckpt, and its resume trained
+    the stalled epochs again."""
+    return ModelCheckpoint(dirpath=dirpath, filename="last", enable_version_counter=False)
+
+
 def _callbacks(cfg, run_dir):
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val/acc",
-                                 mode="max", save_top_k=1, save_last=True)
+                                 mode="max", save_top_k=1)
     # Early stop is a threshold, not a plateau: patience is effectively infinite. Always present (a
     # null target never stops), so that a resume may change target_acc and still restore its state.
     target = float(cfg.target_acc) if cfg.target_acc is not None else None
@@ -388,7 +396,8 @@ def _callbacks(cfg, run_dir):
     stop = EarlyStopping(monitor="val/acc", mode="max", patience=10**9, stopping_threshold=target,
                          check_finite=True, strict=False)
     # Throughput after FiniteLoss: it times the logging interval once FiniteLoss has waited for the GPU.
-    return checkpoint, [checkpoint, LearningRateMonitor(logging_interval="step"), stop, FiniteLoss(), Throughput()]
+    last = last_checkpoint(run_dir / "checkpoints")
+    return checkpoint, [checkpoint, last, LearningRateMonitor(logging_interval="step"), stop, FiniteLoss(), Throughput()]
 
 
 def _hparams(cfg: DictConfig) -> dict:

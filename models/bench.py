@@ -8,7 +8,7 @@ Per cell (MQAR at Zoology's Fig. 2 size: batch 128 x 256 tokens, V=8192, bf16), 
                   logged tokens/s over the logging intervals, as ms/step (`run.py eager`, with
                   --eager: `cuda_graph=false`).
     plain eager   a loop over the very same `models.lm.LM`: the data on the GPU, scored positions
-                  gathered with a fixed-size index, fused AdamW, bf16 autocast.
+                  gathered with a fixed-size index, gradients clipped at norm 1, fused AdamW, bf16 autocast.
     plain graph   that step (forward, backward and the optimiser) captured as one CUDA graph.
 the kernels one eager plain step launches (torch.profiler), and `first step`: seconds from launching
 run.py to the end of its first training step, with Triton's caches warm (the cell's runs before it).
@@ -48,6 +48,7 @@ def plain_step(net, optimizer, data, rows):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         loss, _, _ = scored_loss(net, {k: data[k][rows] for k in ("inputs", "positions", "targets")})
     loss.backward()
+    torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)  # run.py's gradient_clip_val
     optimizer.step()
     optimizer.zero_grad(set_to_none=False)
     return loss

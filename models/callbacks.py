@@ -3,6 +3,7 @@ import time
 
 import lightning as L
 import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class Diverged(FloatingPointError):
@@ -77,3 +78,16 @@ class Throughput(L.Callback):
 
     def on_validation_start(self, trainer, pl_module):
         self._start, self._tokens = None, 0
+
+
+class ProgressBar(TQDMProgressBar):
+    """Lightning's bar, with train/loss and train/acc as last logged, read at its redraws (run.py redraws
+    it at logging steps). LitLM does not log them as `prog_bar` metrics: Lightning turns every one of
+    those into a Python number after every step, a wait for the GPU each step (two `.item()` calls a
+    step in a host profile of run.py on the GPU, BENCHMARKS.md)."""
+
+    SHOWN = ("train/loss", "train/acc")
+
+    def get_metrics(self, trainer, pl_module):
+        logged = trainer.logged_metrics
+        return super().get_metrics(trainer, pl_module) | {k: float(logged[k]) for k in self.SHOWN if k in logged}

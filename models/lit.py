@@ -107,8 +107,8 @@ class LitLM(L.LightningModule):
         optimizer: a partial optimiser (`optimizer(param_groups)`), e.g. Hydra's `_partial_` AdamW.
         scheduler: a partial `(optimizer, total_steps) -> LRScheduler`, or None for a constant LR.
         weight_decay_on: "all" or "matrices" (see `configure_optimizers`).
-        cuda_graph: on one GPU, replay each training step's forward and backward as a CUDA graph
-            (`CapturedStep`); eager elsewhere.
+        cuda_graph: on one GPU, replay each whole training step (forward, backward, clipping, the
+            optimiser's step) as a CUDA graph (`CapturedStep`); eager elsewhere.
     """
 
     def __init__(self, net: nn.Module, optimizer, scheduler=None, weight_decay_on="all", cuda_graph=False):
@@ -124,7 +124,7 @@ class LitLM(L.LightningModule):
         self.metrics = nn.ModuleDict()  # "{stage}/{name}" -> MeanMetric, created in setup
         self._graphs: dict[tuple, CapturedStep] = {}  # batch shapes -> that step's graph
         self._eager_steps: Counter = Counter()  # batch shapes -> eager steps taken at them
-        self._replayed = False  # this step's backward already ran, in its graph
+        self._replayed = False  # this step ran whole (backward, clipping, optimiser) in its graph
         self._window: list[tuple[Tensor, Tensor]] = []  # (loss, acc) of each step since the last logging step
 
     # -- metrics ---------------------------------------------------------------------------------
@@ -186,8 +186,10 @@ class LitLM(L.LightningModule):
             return
         losses, accs = zip(*self._window)
         self._window.clear()
-        self.log("train/loss", torch.stack(losses).mean(), prog_bar=True)
-        self.log("train/acc", torch.stack(accs).mean(), prog_bar=True)
+        # Not prog_bar metrics (Lightning reads those to the host after every step); the bar reads them
+        # from the logged metrics at its redraws (models.callbacks.ProgressBar).
+        self.log("train/loss", torch.stack(losses).mean())
+        self.log("train/acc", torch.stack(accs).mean())
 
     def validation_step(self, batch, batch_idx):
         self._update("val", batch, *scored_loss(self.net, batch))
@@ -205,10 +207,12 @@ class LitLM(L.LightningModule):
 
     # -- the captured training step ---------------------------------------------------------------
     def _capturing(self) -> bool:
-        """Whether training steps run as CUDA graphs: asked for, on one GPU, one batch per step.
-        (Several processes would need the gradients' all-reduce inside the graph.)"""
+        """Whether training steps run as CUDA graphs: asked for, on one GPU, one batch per step, one
+        optimiser with a capturable mode. (Several processes would need the gradients' all-reduce
+        inside the graph.)"""
         t = self.trainer
-        return self.cuda_graph and self.device.type == "cuda" and t.world_size == 1 and t.accumulate_grad_batches == 1
+        return (self.cuda_graph and self.device.type == "cuda" and t.world_size == 1 and t.accumulate_grad_batches == 1
+                and len(t.optimizers) == 1 and "capturable" in t.optimizers[0].defaults)
 
     def _graph_for(self, batch) -> "CapturedStep | None":
         """The graph of this batch's shapes, captured after WARMUP_STEPS eager steps at those shapes
@@ -227,10 +231,19 @@ class LitLM(L.LightningModule):
             super().optimizer_zero_grad(epoch, batch_idx, optimizer)
 
     def backward(self, loss, *args, **kwargs):
-        if self._replayed:  # the graph ran this step's backward
+        if not self._replayed:  # a replayed graph has run the backward
+            super().backward(loss, *args, **kwargs)
+
+    def optimizer_step(self, epoch, batch_idx, optimizer, optimizer_closure=None):
+        """Lightning's step (closure, clipping, optimiser), but a step whose closure replayed a graph
+        is done when the closure returns: the graph clipped the gradients and stepped the optimiser."""
+        if not self._capturing():
+            return super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
+        loss = optimizer_closure()  # training_step, zero_grad and backward, as inside optimizer.step
+        if self._replayed:
             self._replayed = False
             return
-        super().backward(loss, *args, **kwargs)
+        super().optimizer_step(epoch, batch_idx, optimizer, lambda: loss)
 
     # -- optimisation ----------------------------------------------------------------------------
     def configure_optimizers(self):
@@ -239,11 +252,18 @@ class LitLM(L.LightningModule):
 
 
 class CapturedStep:
-    """One training step's forward and backward at one batch shape, captured as a CUDA graph.
+    """One whole training step at one batch shape, captured as a CUDA graph: forward, backward,
+    Lightning's gradient clipping and the optimiser's step.
 
     A small model's eager step is hundreds of small kernels, each paid for in host time; a graph
-    replays them in one launch. The optimiser step, clipping and the schedule stay Lightning's
-    (eager, a few kernels), so checkpoints, resume and every callback see an ordinary step.
+    replays them in one launch. The learning-rate schedule stays Lightning's: the graph's optimiser
+    reads each group's learning rate from a device tensor of its own, filled from the group's
+    (Python) value before every replay, so the scheduler, checkpoints and resume see an ordinary
+    optimiser. The other hyper-parameters (betas, weight decay, the clipping value) are fixed at
+    capture. The optimiser must have a `capturable` mode (Adam, AdamW, ...); it is switched on, and
+    the lr swapped for its tensor, only while capturing, so what a checkpoint stores is what an eager
+    run stores. Callbacks' `on_before_optimizer_step` and `on_after_backward` do not run in replayed
+    steps.
 
     The graph reads the batch from its own static input tensors (the batch is copied in) and leaves
     the loss and accuracy in static outputs (copied out, since the next replay overwrites them). It
@@ -262,17 +282,35 @@ class CapturedStep:
         # The parameters the loss reaches: those the eager warm-up steps gave a gradient.
         self.params = [p for p in module.parameters() if p.grad is not None]
         self.grads = [p.grad for p in self.params]
+        self.optimizer = module.trainer.optimizers[0]
+        groups = self.optimizer.param_groups
+        self.lrs = [torch.tensor(float(g["lr"]), device=self.params[0].device) for g in groups]
+        # A capturable optimiser keeps its step counts on the device (the eager steps left them on the host).
+        for state in self.optimizer.state.values():
+            state["step"] = state["step"].to(self.params[0].device, torch.float32)
+        trainer = module.trainer
         device = batch["inputs"].device.type
         autocast = dict(device_type=device, enabled=torch.is_autocast_enabled(device),
                         dtype=torch.get_autocast_dtype(device), cache_enabled=False)
+        eager = [(g["lr"], g["capturable"]) for g in groups]
+        for g, lr in zip(groups, self.lrs):
+            g["lr"], g["capturable"] = lr, True
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            torch._foreach_zero_(self.grads)
-            with torch.autocast(**autocast):
-                loss, correct, valid = scored_loss(module.net, self.inputs)
-            with torch.autocast(device, enabled=False):  # as Lightning's backward, outside autocast
-                loss.backward()
-            self.loss, self.acc = loss.detach(), correct.sum() / valid.sum()
+        try:
+            with torch.cuda.graph(self.graph):
+                torch._foreach_zero_(self.grads)
+                with torch.autocast(**autocast):
+                    loss, correct, valid = scored_loss(module.net, self.inputs)
+                with torch.autocast(device, enabled=False):  # as Lightning's backward, outside autocast
+                    loss.backward()
+                # Lightning's own clipping hook, as its precision plugin calls it before each step
+                module.configure_gradient_clipping(self.optimizer, trainer.gradient_clip_val,
+                                                   trainer.gradient_clip_algorithm)
+                self.optimizer.step()
+                self.loss, self.acc = loss.detach(), correct.sum() / valid.sum()
+        finally:
+            for g, (lr, capturable) in zip(groups, eager):
+                g["lr"], g["capturable"] = lr, capturable
 
     def _attach_grads(self):
         for p, g in zip(self.params, self.grads):
@@ -282,6 +320,8 @@ class CapturedStep:
     def __call__(self, batch: dict) -> tuple[Tensor, Tensor]:
         for k, v in self.inputs.items():
             v.copy_(batch[k])
+        for lr, g in zip(self.lrs, self.optimizer.param_groups):
+            lr.fill_(g["lr"])  # this step's rate, as the scheduler left it
         self._attach_grads()
         self.graph.replay()
         return self.loss.clone(), self.acc.clone()

@@ -15,22 +15,40 @@ SMALL = ["task.vocab_size=8192", "task.num_train=3000", "task.num_val=256", "tas
 
 
 class Losses(L.Callback):
-    """Every step's training loss, and how many graphs the module held at the end."""
+    """Every step's training loss; at the end, how many graphs the module held and the optimiser's
+    step count of every parameter (Adam's `step`, which each graph replay advances itself)."""
 
     def __init__(self):
-        self.losses, self.graphs = [], None
+        self.losses, self.graphs, self.optimizer_steps = [], None, None
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.losses.append(outputs["loss"].detach())
 
     def on_train_end(self, trainer, pl_module):
         self.graphs = len(pl_module._graphs)
+        self.optimizer_steps = {int(s["step"]) for s in trainer.optimizers[0].state.values()}
 
 
-def curve(tmp_path, name, *overrides):
+def curve(tmp_path, name, *overrides, callbacks=()):
     losses = Losses()
-    metrics = run.train(run.compose([*SMALL, f"run_dir={tmp_path / name}", *overrides]), callbacks=[losses])
+    metrics = run.train(run.compose([*SMALL, f"run_dir={tmp_path / name}", *overrides]), callbacks=[losses, *callbacks])
+    assert losses.optimizer_steps == {metrics["train/steps"]}  # one optimiser step a training step, no more
     return torch.stack(losses.losses).float().cpu(), losses.graphs, metrics
+
+
+class Killed(Exception):
+    pass
+
+
+class KillAtEpoch(L.Callback):
+    """The run dies as training epoch `epoch` (0-based) starts: the one before it is checkpointed."""
+
+    def __init__(self, epoch):
+        self.epoch = epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            raise Killed
 
 
 @pytest.mark.gpu
@@ -56,6 +74,24 @@ def test_captured_step_trains_as_the_eager_step(tmp_path, model, precision):
     assert eager[-20:].mean() < 0.9 * eager[:20].mean()
     assert gap <= 3 * noise + 0.02 * eager[-100:].mean().item()
     assert abs(graphed_metrics["test/acc"] - eager_metrics["test/acc"]) < 0.05
+
+
+@pytest.mark.gpu
+def test_a_graphed_run_resumes_as_it_would_have_gone_on(tmp_path):
+    """Killed after 2 of 4 epochs and resumed from its checkpoint, a graphed run goes on as the run that
+    was not killed: the optimiser's step counts and moments, and the schedule's rate, which the graph
+    reads from the optimiser before every replay, all carry on."""
+    args = ["model=mamba2", "trainer.accelerator=gpu", "trainer.max_steps=-1", "trainer.max_epochs=4",
+            "task.num_train=1280"]  # 20 steps an epoch
+    whole, _, whole_metrics = curve(tmp_path, "whole", *args)
+    with pytest.raises(Killed):
+        curve(tmp_path, "resumed", *args, callbacks=[KillAtEpoch(2)])
+    resumed, graphs, resumed_metrics = curve(tmp_path, "resumed", *args, "ckpt_path=last")
+    assert graphs == 1 and len(resumed) == len(whole) // 2 == 40
+    gap = (resumed - whole[40:]).abs().mean().item()
+    print(f"loss {whole[0]:.3f} -> {whole[-1]:.3f}; |resumed - whole| over epochs 3-4 {gap:.2e}")
+    assert gap <= 0.02 * whole[40:].mean().item()
+    assert abs(resumed_metrics["test/acc"] - whole_metrics["test/acc"]) < 0.05
 
 
 def test_cuda_graph_is_checked(tmp_path):

@@ -1,6 +1,7 @@
 """Short end-to-end runs through `train(cfg)`: it learns, writes its artefacts, resumes on the same
 schedule, and stops a diverged run before it saves a checkpoint of it."""
 import json
+import sys
 
 import lightning as L
 import pytest
@@ -76,6 +77,19 @@ def test_resume_continues_from_checkpoint_on_the_longer_schedule(tmp_path):
     assert any(step >= steps_per_epoch for step in logged)
 
 
+def test_last_checkpoint_is_written_at_every_validation(tmp_path):
+    """Even when val/acc does not improve (a learning rate too small to change it), last.ckpt is the
+    newest state: Lightning's own `save_last` kept the first epoch's, and a resume repeated the rest."""
+    base = [*MQAR, "task.num_train=640", "model=mamba2", "model.d_model=32", "target_acc=null", "optimizer.lr=1e-12"]
+    first = run.train(tiny(tmp_path, *base, "trainer.max_epochs=3"))
+    last = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["global_step"] == first["train/steps"] == 30 and last["epoch"] == 2
+    best = torch.load(tmp_path / "checkpoints" / "best.ckpt", weights_only=True)
+    assert best["global_step"] == 10  # val/acc never rose after the first validation
+    second = run.train(tiny(tmp_path, *base, "trainer.max_epochs=4", "ckpt_path=last"))
+    assert second["train/steps"] == 40
+
+
 class PoisonAfter(L.Callback):
     """Turns the embedding into NaNs after optimiser step `step`: every later loss is NaN."""
 
@@ -111,6 +125,40 @@ def test_the_nan_guard_does_not_read_the_loss_at_every_step():
         trainer.global_step = step
         guard.on_train_batch_end(trainer, None, {"loss": torch.tensor(float("nan"), device="meta")}, None, 0)
     assert len(guard._losses) == 4
+
+
+class HostReads(L.Callback):
+    """The training steps at which anything read a tensor to the host (Tensor.item, which Lightning's
+    metric conversion and the NaN guard use), from the start of training to its first validation. Not
+    counted: torch.optim's reads of its step counter, a host tensor unless the optimiser is capturable."""
+
+    def __init__(self, monkeypatch):
+        self.steps, self.trainer = set(), None
+        item = torch.Tensor.item
+
+        def counted(t):
+            if self.trainer is not None and not sys._getframe(1).f_globals["__name__"].startswith("torch.optim"):
+                self.steps.add(self.trainer.global_step)
+            return item(t)
+
+        monkeypatch.setattr(torch.Tensor, "item", counted)
+
+    def on_train_start(self, trainer, pl_module):
+        self.trainer = trainer
+
+    def on_validation_start(self, trainer, pl_module):
+        self.trainer = None
+
+
+@pytest.mark.parametrize("bar", [False, True])
+def test_training_steps_do_not_wait_for_the_device(tmp_path, monkeypatch, bar):
+    """On a GPU a host read waits for every queued kernel: only logging steps (every 5th here) read.
+    Logged as `prog_bar` metrics, train/loss and train/acc were read after every step."""
+    reads = HostReads(monkeypatch)
+    cfg = tiny(tmp_path, *MQAR, "task.num_train=1280", "model=mamba2", "model.d_model=32", "trainer.max_epochs=1",
+               "target_acc=null", f"trainer.enable_progress_bar={bar}")
+    run.train(cfg, callbacks=[reads])
+    assert reads.steps and all(step % 5 == 0 for step in reads.steps), sorted(reads.steps)
 
 
 def test_curriculum_runs_through_train(tmp_path):
