@@ -8,11 +8,14 @@
 
 Arguments `sweep...` and `action=...` configure the sweep (conf/sweep.yaml, conf/sweep/*.yaml);
 every other argument is a train override (as for run.py) added to every trial of the study.
-Start the same command in several processes or on several machines (with a shared storage) to add
-workers; each cell is trained once. A mistake in the configuration is reported in one line with
-exit status 2, before anything trains.
+On a host with GPUs the command starts `sweep.workers_per_gpu` (default 1) worker processes on every
+GPU it sees; start it on more machines (with a shared storage) to add workers; each cell is trained
+once. A mistake in the configuration is reported in one line with exit status 2, before anything trains.
 """
+import os
 import sys
+
+import torch
 
 import run
 from sweeps import driver, report
@@ -54,6 +57,10 @@ def main(argv=None, train=run.train):
     try:
         sweep = load(cfg, train_args)
         if cfg.action == "run":
+            gpus = driver.worker_gpus(torch.cuda.device_count(), sweep.workers_per_gpu,
+                                      os.environ.get("CUDA_VISIBLE_DEVICES"))
+            if len(gpus) > 1:  # a worker process per GPU (and per sweep.workers_per_gpu)
+                sys.exit(driver.spawn_workers(argv, gpus))
             driver.work(sweep, train=train)
         else:
             for path in report.write(sweep):

@@ -4,11 +4,17 @@ Start the same command in as many processes / machines as you like: each is one 
 the same study (see sweeps/study.py for why every slot is trained exactly once). A worker leaves
 when no slot waits and no other worker's trial is still running: while one runs, its worker might
 die, and the trial then comes back as a retry, which resumes from the dead attempt's last checkpoint.
+One command also starts the workers of a whole host: `sweep.workers_per_gpu` on every GPU it sees
+(`worker_gpus`, `spawn_workers`).
 """
 import gc
 import itertools
 import math
+import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 import zipfile
 from pathlib import Path
@@ -107,6 +113,8 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, sweep: Sweep, train) -> 
     else:
         trial.set_user_attr("resumed_from", str(last))
     trial.set_user_attr("run_dir", str(run_dir))
+    trial.set_user_attr("worker", _worker())
+    trial.set_user_attr("gpu", os.environ.get("CUDA_VISIBLE_DEVICES"))
     callbacks = []
     if sweep.pruner is not None:
         callbacks.append(OptunaPruning(trial, sweep.pruner["monitor"]))
@@ -139,6 +147,31 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, sweep: Sweep, train) -> 
     study.tell(trial, value)
 
 
+def worker_gpus(device_count: int, workers_per_gpu: int, visible: str | None) -> list[str]:
+    """The CUDA_VISIBLE_DEVICES of each worker one command starts: `workers_per_gpu` on each of the
+    `device_count` GPUs this process sees, named as its own CUDA_VISIBLE_DEVICES names them (so
+    `CUDA_VISIBLE_DEVICES=2,3 python sweep.py ...` keeps to GPUs 2 and 3); none without a GPU."""
+    names = [n.strip() for n in visible.split(",")][:device_count] if visible else [str(i) for i in range(device_count)]
+    return [name for name in names for _ in range(workers_per_gpu)]
+
+
+def spawn_workers(argv: list[str], gpus: list[str]) -> int:
+    """Start this process's own command once per entry of `gpus`, each child on that GPU alone and
+    one worker (`sweep.workers_per_gpu=1`), and wait for them all; the children share the study as
+    any workers do. Interrupted, it stops the children (their trials come back as retries). Returns
+    the first non-zero exit status of a child, else 0."""
+    command = [sys.executable, *sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv) + 1]]  # python sweep.py
+    argv = [a for a in argv if not a.startswith("sweep.workers_per_gpu=")] + ["sweep.workers_per_gpu=1"]
+    children = [subprocess.Popen([*command, *argv], env={**os.environ, "CUDA_VISIBLE_DEVICES": gpu}) for gpu in gpus]
+    try:
+        codes = [child.wait() for child in children]
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.terminate()
+    return next((code for code in codes if code), 0)
+
+
 def work(sweep: Sweep, train=run.train, poll_s: float | None = None) -> None:
     """Run trials of `sweep` until its queue is empty and no other worker is mid-trial.
 
@@ -147,8 +180,9 @@ def work(sweep: Sweep, train=run.train, poll_s: float | None = None) -> None:
     sampler, pruner = studies.sampler_and_pruner(sweep)
     study, storage = studies.open_study(sweep, sampler, pruner)
     added = studies.enqueue_missing(study, sweep)
-    print(f"[sweep {sweep.study_name}] {len(sweep.slots())} slots, {added} newly enqueued; storage "
-          f"{studies.shown(sweep.storage)}", flush=True)
+    gpu = os.environ.get("CUDA_VISIBLE_DEVICES")
+    print(f"[sweep {sweep.study_name}] worker {_worker()}{f' on GPU {gpu}' if gpu else ''}: {len(sweep.slots())} "
+          f"slots, {added} newly enqueued; storage {studies.shown(sweep.storage)}", flush=True)
     poll_s = poll_s if poll_s is not None else min(10.0, sweep.heartbeat_interval)
     while True:
         studies.fail_stale(study, sweep)
@@ -167,6 +201,10 @@ def work(sweep: Sweep, train=run.train, poll_s: float | None = None) -> None:
                 continue
             run_trial(study, trial, sweep, train)
     print(f"[sweep {sweep.study_name}] done: " + summary(study), flush=True)
+
+
+def _worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
 
 
 def summary(study: optuna.Study) -> str:

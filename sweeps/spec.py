@@ -73,6 +73,7 @@ class Sweep:
     heartbeat_interval: int
     grace_period: int | None
     max_retries: int
+    workers_per_gpu: int
     eval: dict | None
     report: dict
     description: str = ""
@@ -121,7 +122,8 @@ class Sweep:
             search=search, trials_per_cell=trials_per_cell, n_trials=n_trials,
             objective=_string("objective", c["objective"]), direction=direction,
             sampler=_sampler(c["sampler"]), pruner=_pruner(c["pruner"]), heartbeat_interval=heartbeat,
-            grace_period=grace, max_retries=retries, eval=_eval(c["eval"]), report=_report(c["report"]),
+            grace_period=grace, max_retries=retries, workers_per_gpu=_positive("workers_per_gpu", c["workers_per_gpu"]),
+            eval=_eval(c["eval"]), report=_report(c["report"]),
             description=c.get("description") or "",
         )
         sweep._check_counts()

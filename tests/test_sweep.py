@@ -120,6 +120,7 @@ BAD = {
     "bad-action": (["action=plot"], ["action='plot'", "report"]),
     "too-many-trials": (["sweep.n_trials=10"], ["sweep.n_trials=10", "4 cells"]),
     "report-axis": (["sweep.report.x=model.d_state"], ["sweep.report.x='model.d_state'", "model.d_model"]),
+    "workers-per-gpu": (["sweep.workers_per_gpu=0"], ["sweep.workers_per_gpu=0", "positive integer"]),
     "storage-scheme": (["sweep.storage=nosuchdb://x/y"], ["sweep.storage='nosuchdb://x/y'", "cannot open"]),
     "storage-unreachable": (["sweep.storage=postgresql+psycopg2://u:p@127.0.0.1:9/db"],
                             ["sweep.storage=", "cannot open"]),
@@ -137,6 +138,13 @@ def test_a_bad_sweep_config_fails_fast_in_one_line(case, tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("error: "), err
     for word in expected:
         assert word in err[0], err[0]
+
+
+def test_one_command_places_its_workers_on_every_gpu_it_sees():
+    assert driver.worker_gpus(0, 4, None) == []  # no GPU: the command is the one worker
+    assert driver.worker_gpus(1, 1, None) == ["0"]
+    assert driver.worker_gpus(2, 2, None) == ["0", "0", "1", "1"]
+    assert driver.worker_gpus(2, 1, "5, 7") == ["5", "7"]  # its own CUDA_VISIBLE_DEVICES, renamed back
 
 
 def test_the_command_line_exits_2_with_one_line_and_writes_nothing(tmp_path):

@@ -4,6 +4,7 @@ are recorded. Workers are real `sweep.py` processes; only `train` is replaced by
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from optuna.trial import TrialState
 
 import sweep
@@ -54,7 +56,12 @@ def _append(path, line):
 
 
 def worker_main():
-    """Entry point of a worker subprocess: sweep.py with fake_train."""
+    """Entry point of a worker subprocess: sweep.py with fake_train. FAKE_GPUS simulates the host's
+    GPU count; as with CUDA, a process sees only the GPUs its CUDA_VISIBLE_DEVICES names."""
+    if "FAKE_GPUS" in os.environ:
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        count = len(visible.split(",")) if visible else int(os.environ["FAKE_GPUS"])
+        torch.cuda.device_count = lambda: count
     sweep.main(sys.argv[1:], train=fake_train)
 
 
@@ -116,6 +123,19 @@ def test_three_workers_on_one_sqlite_study_train_each_slot_once(tmp_path):
     assert len(s.slots()) == 12
     # The work was shared: at least two workers trained something.
     assert sum("] trial " in out for out in outputs) >= 2, outputs
+
+
+def test_one_command_starts_workers_on_every_gpu_of_the_host(tmp_path):
+    """On a host of 2 (simulated) GPUs with sweep.workers_per_gpu=2, one command starts 4 worker
+    processes, 2 on each GPU, which share the study as any workers do."""
+    argv = args(tmp_path, "sweep.workers_per_gpu=2")
+    out = finish(start(tmp_path, argv, FAKE_SLEEP="0.3", FAKE_GPUS="2"))
+    s, study = load(argv)
+    assert_exactly_the_grid(s, study, log_lines(tmp_path))
+    assert sorted(re.findall(r"worker \S+ on GPU (\d+):", out)) == ["0", "0", "1", "1"], out
+    trials = [t for t in study.get_trials() if t.state == TrialState.COMPLETE]
+    assert {t.user_attrs["gpu"] for t in trials} <= {"0", "1"}
+    assert len({t.user_attrs["worker"] for t in trials}) >= 2  # the work was shared
 
 
 def test_kill_9_then_rerun_continues_and_retries_the_interrupted_trial(tmp_path):
