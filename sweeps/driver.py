@@ -158,7 +158,7 @@ def worker_gpus(device_count: int, workers_per_gpu: int, visible: str | None) ->
 def spawn_workers(argv: list[str], gpus: list[str]) -> int:
     """Start this process's own command once per entry of `gpus`, each child on that GPU alone and
     one worker (`sweep.workers_per_gpu=1`), and wait for them all; the children share the study as
-    any workers do. Interrupted, it stops the children (their trials come back as retries). Returns
+    any workers do. On Ctrl-C it stops the children (their trials come back as retries). Returns
     the first non-zero exit status of a child, else 0."""
     command = [sys.executable, *sys.orig_argv[1:len(sys.orig_argv) - len(sys.argv) + 1]]  # python sweep.py
     argv = [a for a in argv if not a.startswith("sweep.workers_per_gpu=")] + ["sweep.workers_per_gpu=1"]
