@@ -103,7 +103,7 @@ def plain(overrides, steps, profile=False):
     return eager_ms, time_loop(replay), kernels
 
 
-def _scalars(run_dir, tag):
+def scalars(run_dir, tag):
     """The TensorBoard events of `tag` in a run dir (its training's and its hparams' files)."""
     found = []
     for path in glob.glob(f"{run_dir}/**/events.out.tfevents.*", recursive=True):
@@ -129,7 +129,7 @@ def through_run_py(overrides, steps, extra=()):
         # one epoch longer than the run, so no validation falls inside it
         _run_py([*PRESET, *overrides, f"trainer.max_steps={steps}", "target_acc=null", *extra,
                  f"task.num_train={128 * (steps + 1)}", "trainer.log_every_n_steps=50"], tmp)
-        rates = [e.value for e in _scalars(tmp, "train/tokens_per_sec")]
+        rates = [e.value for e in scalars(tmp, "train/tokens_per_sec")]
     return 128 * 256 / statistics.median(rates) * 1e3
 
 
@@ -139,7 +139,7 @@ def first_step(overrides):
     with tempfile.TemporaryDirectory() as tmp:
         launched = _run_py([*PRESET, *overrides, "trainer.max_steps=1", "target_acc=null", "task.num_train=256",
                             "trainer.log_every_n_steps=1"], tmp)
-        return min(e.wall_time for e in _scalars(tmp, "train/loss")) - launched
+        return min(e.wall_time for e in scalars(tmp, "train/loss")) - launched
 
 
 def main():
