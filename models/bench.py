@@ -32,13 +32,16 @@ from models.lit import scored_loss
 from tasks.data import batch_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
-CELLS = {  # issue #19's table
+CELLS = {  # issue #19's table, and a Fig. 8 cell
     "attention_d128": ["model=attention", "model.n_heads=1", "model.d_model=128"],
     "mamba2_d128": ["model=mamba2", "model.n_layers=4", "model.d_model=128", "model.d_state=32",
                     "model.headdim=16"],
     "mamba1_d128": ["model=mamba1", "model.n_layers=4", "model.d_model=128"],
     "mamba2_d64": ["model=mamba2", "model.n_layers=2", "model.d_model=64", "model.d_state=64",
                    "model.headdim=32"],
+    # mamba2_fig8's T=256 cell: the same model, 64 scored positions an example instead of 16
+    "mamba2_d64_fig8": ["model=mamba2", "model.n_layers=2", "model.d_model=64", "model.d_state=64",
+                        "model.headdim=32", "task.random_non_queries=true", "task.num_kv_pairs=64"],
 }
 PRESET = ["experiment=zoology_fig2"]
 
