@@ -13,6 +13,7 @@ turns NaN stops with one line and exit status 1, keeping its last checkpoint fro
 import contextlib
 import ctypes
 import ctypes.util
+import functools
 import json
 import logging
 import math
@@ -170,6 +171,7 @@ def check_trainer(trainer_cfg: DictConfig) -> None:
         hydra.utils.instantiate(trainer_cfg, logger=False, enable_checkpointing=False, callbacks=[])
 
 
+@functools.cache  # a process setting: once, however many trainers a sweep worker builds
 def keep_freed_memory() -> None:
     """Have glibc's malloc keep freed memory for the next step instead of handing it back to the OS.
 

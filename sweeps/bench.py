@@ -30,11 +30,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def measure(preset: str, workers: int, seconds: float, extra=()) -> dict:
     """Run the preset's sweep with `workers` per GPU for `seconds` in a fresh study; what it did."""
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "sweep.py", f"sweep={preset}", f"sweep.dir={tmp}", "sweep.study_name=bench",
-               f"sweep.workers_per_gpu={workers}", *extra]
+        storage = f"sqlite:///{tmp}/bench.db"
+        cmd = [sys.executable, "sweep.py", f"sweep={preset}", f"sweep.dir={tmp}", f"sweep.storage={storage}",
+               "sweep.study_name=bench", f"sweep.workers_per_gpu={workers}", *extra]
         with open(f"{tmp}/log.txt", "w") as log:
-            # its own session, so the workers it spawns are killed with it
             start = time.perf_counter()
+            # its own session, so the workers it spawns are killed with it
             proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
             try:
                 proc.wait(timeout=seconds)
@@ -44,7 +45,7 @@ def measure(preset: str, workers: int, seconds: float, extra=()) -> dict:
             elapsed = time.perf_counter() - start  # shorter than `seconds` if the sweep ended
         if proc.returncode not in (0, -signal.SIGKILL):
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{Path(tmp, 'log.txt').read_text()[-3000:]}")
-        study = optuna.load_study(study_name="bench", storage=f"sqlite:///{tmp}/study.db")
+        study = optuna.load_study(study_name="bench", storage=storage)
         completed = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
         epochs, gaps = 0, []
         for trial_dir in Path(tmp, "trials").glob("*/"):

@@ -176,8 +176,8 @@ class PageFaults(L.Callback):
 
 def test_cpu_steps_reuse_freed_memory(tmp_path):
     """The Mamba-1 CPU default at V=8192 frees and reallocates its 8 MB logits every step; with glibc's
-    default malloc that cost 1,700-4,600 page faults a step (fresh zeroed pages), with run.py's
-    settings (run.keep_freed_memory) 20-90."""
+    default malloc that cost fresh zeroed pages: 1,158 page faults a step here before
+    run.keep_freed_memory."""
     faults = PageFaults()
     cfg = tiny(tmp_path, "model=mamba1", "task.vocab_size=8192", "task.num_train=3200", "trainer.max_steps=45",
                "target_acc=null")
