@@ -474,7 +474,8 @@ def train(cfg: DictConfig, callbacks=()) -> dict[str, float]:
     # Tested without the logger: the test metrics reach TensorBoard once, below, with the settings
     # that produced them.
     trainer.loggers = []
-    tested = trainer.test(module, datamodule=datamodule, ckpt_path="best" if checkpoint.best_model_path else None,
+    # The best checkpoint by path: ckpt_path="best" warns on every run that there are two ModelCheckpoints.
+    tested = trainer.test(module, datamodule=datamodule, ckpt_path=checkpoint.best_model_path or None,
                           verbose=False, weights_only=True)
     metrics = {k: float(v) for result in tested for k, v in result.items()}
     test_metrics = dict(metrics)
