@@ -57,6 +57,29 @@ def test_experiment_settings_win_over_the_defaults(experiment):
             assert cfg[key] == preset[key], key
 
 
+def leaf_keys(node, prefix=""):
+    """Dotted keys of a config's leaves (lists are leaves)."""
+    for key, value in node.items():
+        if OmegaConf.is_dict(value):
+            yield from leaf_keys(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}"
+
+
+@pytest.mark.parametrize("experiment", RUN_EXPERIMENTS)
+@pytest.mark.parametrize("recipe", options("recipe"))
+def test_recipes_do_not_reach_paper_presets(recipe, experiment):
+    """A model's recipe (conf/recipe/) is how its CPU default trains: every key it sets, each paper
+    preset sets itself, so `experiment=E model=M` trains with the paper's settings for every M."""
+    recipe_keys = set(leaf_keys(OmegaConf.load(CONF / "recipe" / f"{recipe}.yaml")))
+    preset = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
+    missing = sorted(k for k in recipe_keys if OmegaConf.select(preset, k, default="<unset>") == "<unset>")
+    assert not missing, f"experiment/{experiment}.yaml leaves {missing} to recipe/{recipe}.yaml"
+    with_recipe = run.compose([f"experiment={experiment}", f"model={recipe}", *ON_THIS_MACHINE])
+    for key in recipe_keys:
+        assert OmegaConf.select(with_recipe, key) == OmegaConf.select(preset, key), key
+
+
 @pytest.mark.parametrize("trainer", options("trainer"))
 def test_trainer_configs_instantiate(trainer, tmp_path):
     cfg = run.compose([f"trainer={trainer}", f"run_dir={tmp_path}"])
