@@ -66,17 +66,27 @@ def leaf_keys(node, prefix=""):
             yield f"{prefix}{key}"
 
 
+def recipe_keys(model):
+    """The dotted keys whose values a model's recipe (conf/recipe/<model>.yaml and what it includes)
+    changes: the model's config composed with and without it."""
+    with_recipe = run.compose([f"model={model}", "run_dir=."])
+    without = run.compose([f"model={model}", "run_dir=.", "~recipe"])
+    return {k for k in leaf_keys(with_recipe)
+            if OmegaConf.select(without, k, default="<unset>") != OmegaConf.select(with_recipe, k)}
+
+
 @pytest.mark.parametrize("experiment", RUN_EXPERIMENTS)
 @pytest.mark.parametrize("recipe", options("recipe"))
 def test_recipes_do_not_reach_paper_presets(recipe, experiment):
     """A model's recipe (conf/recipe/) is how its CPU default trains: every key it sets, each paper
     preset sets itself, so `experiment=E model=M` trains with the paper's settings for every M."""
-    recipe_keys = set(leaf_keys(OmegaConf.load(CONF / "recipe" / f"{recipe}.yaml")))
+    keys = recipe_keys(recipe)
+    assert keys, f"recipe/{recipe}.yaml changes nothing"
     preset = OmegaConf.load(CONF / "experiment" / f"{experiment}.yaml")
-    missing = sorted(k for k in recipe_keys if OmegaConf.select(preset, k, default="<unset>") == "<unset>")
+    missing = sorted(k for k in keys if OmegaConf.select(preset, k, default="<unset>") == "<unset>")
     assert not missing, f"experiment/{experiment}.yaml leaves {missing} to recipe/{recipe}.yaml"
     with_recipe = run.compose([f"experiment={experiment}", f"model={recipe}", *ON_THIS_MACHINE])
-    for key in recipe_keys:
+    for key in keys:
         assert OmegaConf.select(with_recipe, key) == OmegaConf.select(preset, key), key
 
 

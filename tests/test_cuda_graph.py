@@ -56,23 +56,24 @@ class KillAtEpoch(L.Callback):
 @pytest.mark.parametrize("model", ["attention", "mamba1", "mamba2"])
 def test_captured_step_trains_as_the_eager_step(tmp_path, model, precision):
     args = [f"model={model}", "trainer.accelerator=gpu", f"trainer.precision={precision}"]
-    eager, graphs, eager_metrics = curve(tmp_path, "eager", *args, "cuda_graph=false")
-    again, _, _ = curve(tmp_path, "again", *args, "cuda_graph=false")
+    eager, _, eager_metrics = curve(tmp_path, "eager", *args, "cuda_graph=false")
+    # The graph steps the optimiser in its capturable mode, whose arithmetic differs from the default
+    # mode's in the last bits, and training on MQAR amplifies any such difference. The same capturable
+    # optimiser run eagerly measures how far that alone moves the curve; the graph is held to it.
+    twin, _, _ = curve(tmp_path, "twin", *args, "cuda_graph=false", "+optimizer.capturable=true")
     graphed, graphs, graphed_metrics = curve(tmp_path, "graph", *args, "cuda_graph=true")
     assert graphs == 2  # the full batch and the last, partial one
     assert len(graphed) == len(eager) == STEPS
     # The first steps are eager in both runs (the warm-up before capture).
     assert torch.equal(graphed[:2], eager[:2])
-    # Afterwards the same kernels run in the same order; the Triton backward's atomics make even two
-    # eager runs differ a little, so the graph is held to that run-to-run noise.
-    noise = (again - eager).abs()[-100:].mean().item()
+    noise = (twin - eager).abs()[-100:].mean().item()
     gap = (graphed - eager).abs()[-100:].mean().item()
     print(f"{model} {precision}: loss {eager[0]:.3f} -> {eager[-1]:.3f}; |graph - eager| {gap:.2e}, "
-          f"|eager - eager| {noise:.2e}")
+          f"|capturable eager - eager| {noise:.2e}")
     # It trained (from ln V = 9.0; attention at its lr 1e-3 is still on MQAR's plateau at 200 steps, 7.7),
     # so the comparison is between moving models.
     assert eager[-20:].mean() < 0.9 * eager[:20].mean()
-    assert gap <= 3 * noise + 0.02 * eager[-100:].mean().item()
+    assert gap <= 3 * noise + 0.01 * eager[-100:].mean().item()
     assert abs(graphed_metrics["test/acc"] - eager_metrics["test/acc"]) < 0.05
 
 
