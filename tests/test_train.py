@@ -24,8 +24,11 @@ def tiny(tmp_path, *overrides):
 
 
 def test_mqar_learns(tmp_path):
+    # One fixed training set: the Mamba recipe's fresh data left this small run (4,000 examples an epoch,
+    # lr 3e-3) on the 1/K plateau for longer: test/acc 0.385 after its 10 epochs, where one fixed set reached
+    # val/acc 0.6 in 252 steps (test 0.871).
     cfg = tiny(tmp_path, *MQAR, "model=mamba2", "model.d_model=64", "trainer.max_epochs=10",
-               "optimizer.lr=3e-3", "target_acc=0.6")
+               "optimizer.lr=3e-3", "target_acc=0.6", "task.fresh_train=false")
     metrics = run.train(cfg)
     # Chance is 1/32 (values come from 32 tokens) and a model that outputs *some* value seen in
     # the context plateaus at 1/K = 0.25: 0.6 on held-out examples means it learned recall.
