@@ -1,4 +1,5 @@
 """Every config in every group composes and builds (a broken _target_ or key fails here)."""
+import functools
 from pathlib import Path
 
 import hydra
@@ -57,22 +58,13 @@ def test_experiment_settings_win_over_the_defaults(experiment):
             assert cfg[key] == preset[key], key
 
 
-def leaf_keys(node, prefix=""):
-    """Dotted keys of a config's leaves (lists are leaves)."""
-    for key, value in node.items():
-        if OmegaConf.is_dict(value):
-            yield from leaf_keys(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}"
-
-
-def recipe_keys(model):
+@functools.cache
+def recipe_keys(model) -> frozenset:
     """The dotted keys whose values a model's recipe (conf/recipe/<model>.yaml and what it includes)
     changes: the model's config composed with and without it."""
-    with_recipe = run.compose([f"model={model}", "run_dir=."])
-    without = run.compose([f"model={model}", "run_dir=.", "~recipe"])
-    return {k for k in leaf_keys(with_recipe)
-            if OmegaConf.select(without, k, default="<unset>") != OmegaConf.select(with_recipe, k)}
+    with_recipe = run._flat(run.compose([f"model={model}", "run_dir=."]))
+    without = run._flat(run.compose([f"model={model}", "run_dir=.", "~recipe"]))
+    return frozenset(k for k, v in with_recipe.items() if without.get(k, "<unset>") != v)
 
 
 @pytest.mark.parametrize("experiment", RUN_EXPERIMENTS)
