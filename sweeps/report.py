@@ -9,6 +9,10 @@ and the searched parameters. Three layouts (`report.kind`):
 - extrapolation: accuracy against the evaluation length, one line per cell, the table with one
   column per length ("OOM" where it did not fit): Mamba Table 11 (induction heads).
 
+Where the preset gives the paper's values (`sweep.paper`), each is drawn beside ours (dashed lines,
+hollow markers; a paper column or row in tables), and every cell gets `paper` and `difference`
+(ours − paper) columns, empty where the paper gives none (per test length for extrapolation).
+
 Used by `python sweep.py ... action=report` and by notebooks/sweep_analysis.ipynb.
 """
 import csv
@@ -19,7 +23,7 @@ import optuna
 from matplotlib.figure import Figure
 
 from sweeps.extrapolate import OOM
-from sweeps.spec import Sweep
+from sweeps.spec import Sweep, paper_value
 from sweeps.study import load_existing
 
 EVAL_PREFIX = "eval@seq_len="
@@ -42,8 +46,25 @@ def trial_rows(study: optuna.Study) -> list[dict]:
 
 
 def cell_axes(sweep: Sweep) -> list[str]:
-    """The axes a reported cell is made of: the grid axes not optimised over."""
-    return [a.name for a in sweep.axes if a.name not in sweep.report["best_over"]]
+    return [a.name for a in sweep.cell_axes]
+
+
+def _difference(ours, paper):
+    ok = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (ours, paper))
+    return ours - paper if ok else None
+
+
+def add_paper(sweep: Sweep, row: dict) -> None:
+    """The paper's value(s) of a reported cell and ours minus the paper's, None where either is
+    missing: `paper` / `difference`, or per test length `paper@N` / `difference@N`."""
+    paper = paper_value(sweep, row)
+    if sweep.report["kind"] != "extrapolation":
+        row.update(paper=paper, difference=_difference(row["value"], paper))
+        return
+    paper = {str(k): v for k, v in (paper or {}).items()}
+    for n in eval_lengths(sweep):
+        row[f"paper@{n}"] = paper.get(str(n))
+        row[f"difference@{n}"] = _difference(row.get(f"{EVAL_PREFIX}{n}/acc"), row[f"paper@{n}"])
 
 
 def best_per_cell(sweep: Sweep, rows: list[dict]) -> list[dict]:
@@ -74,6 +95,8 @@ def best_per_cell(sweep: Sweep, rows: list[dict]) -> list[dict]:
         else:
             failed = [r for r in mine if r["state"] == "FAIL"]
             row.update({"value": None, "note": failed[-1].get("fail_reason", "failed") if failed else "pending"})
+        if sweep.paper:
+            add_paper(sweep, row)
         out.append(row)
     return out
 
@@ -97,6 +120,18 @@ def _label(axis, value):
     return f"{axis}={value}" if axis else str(value)
 
 
+def _paper_line(ax, xs, papers, ours) -> None:
+    """The paper's points of one of our lines: its colour, dashed, hollow markers."""
+    points = [(x, p) for x, p in zip(xs, papers) if isinstance(p, (int, float))]
+    if points:
+        ax.plot(*zip(*points), linestyle="--", marker="o", markerfacecolor="none", color=ours.get_color())
+
+
+def _paper_legend(ax, sweep: Sweep) -> None:
+    if sweep.paper:
+        ax.plot([], [], linestyle="--", marker="o", markerfacecolor="none", color="grey", label="paper")
+
+
 def capacity_figure(sweep: Sweep, best: list[dict]) -> Figure:
     rep = sweep.report
     x_axis, hue, panel = rep["x"], rep["hue"], rep["panel"]
@@ -109,7 +144,8 @@ def capacity_figure(sweep: Sweep, best: list[dict]) -> Figure:
             line = sorted((r for r in mine if hue is None or r[hue] == h), key=lambda r: _number(r[x_axis]))
             xs = [_number(r[x_axis]) for r in line]
             ys = [r["value"] if r["value"] is not None else math.nan for r in line]
-            ax.plot(xs, ys, marker="o", label=str(h) if hue else None)
+            (drawn,) = ax.plot(xs, ys, marker="o", label=str(h) if hue else None)
+            _paper_line(ax, xs, [r.get("paper") for r in line], drawn)
         ax.set_xscale("log", base=2)
         xticks = sorted({_number(r[x_axis]) for r in mine})
         ax.set_xticks(xticks, [f"{v:g}" for v in xticks])
@@ -120,6 +156,7 @@ def capacity_figure(sweep: Sweep, best: list[dict]) -> Figure:
         if panel:
             ax.set_title(_label(panel, p))
     axes[0].set_ylabel(rep["ylabel"] or sweep.objective)
+    _paper_legend(axes[-1], sweep)
     if hue:
         axes[-1].legend(title=hue, fontsize="small")
     fig.suptitle(_title(sweep))
@@ -184,12 +221,14 @@ def extrapolation_figure(sweep: Sweep, best: list[dict]) -> Figure:
         values = [row.get(f"{EVAL_PREFIX}{n}/acc") for n in lengths]
         ys = [v if isinstance(v, float) else math.nan for v in values]
         (line,) = ax.plot(lengths, ys, marker="o", label=label)
+        _paper_line(ax, lengths, [row.get(f"paper@{n}") for n in lengths], line)
         # Lengths the model ran out of memory at: a cross on the axis.
         oom = [n for n, v in zip(lengths, values) if v == OOM]
         ax.plot(oom, [0.0] * len(oom), "x", color=line.get_color(), markersize=9)
         any_oom = any_oom or bool(oom)
     if any_oom:
         ax.plot([], [], "x", color="black", label="out of memory")
+    _paper_legend(ax, sweep)
     train_len = sweep.report.get("train_len")
     if train_len:
         ax.axvline(train_len, color="grey", linestyle=":", label="train length")
@@ -210,13 +249,19 @@ def layout(sweep: Sweep, best: list[dict]) -> tuple[Figure, list[str], list[list
     if kind == "extrapolation":
         lengths = eval_lengths(sweep)
         header = axes + [f"{n}" for n in lengths]
-        rows = [[r[a] for a in axes] + [r.get(f"{EVAL_PREFIX}{n}/acc") for n in lengths] for r in best]
+        rows = []
+        for r in best:
+            rows.append([r[a] for a in axes] + [r.get(f"{EVAL_PREFIX}{n}/acc") for n in lengths])
+            if sweep.paper and any(r[f"paper@{n}"] is not None for n in lengths):
+                rows.append([f"{r[a]} (paper)" for a in axes] + [r[f"paper@{n}"] for n in lengths])
         return extrapolation_figure(sweep, best), header, rows
-    header = axes + [sweep.objective] + extra
-    rows = [[r[a] for a in axes] + [r["value"]] + [r.get(p) for p in extra] for r in best]
+    compared = ["paper", "difference"] if sweep.paper else []
+    header = axes + [sweep.objective] + compared + extra
+    rows = [[r[a] for a in axes] + [r["value"]] + [r[c] for c in compared] + [r.get(p) for p in extra] for r in best]
     if kind == "table":
-        short = [row[:len(axes) + 1] for row in rows]
-        return table_figure(sweep, axes + [f"{sweep.objective} (%)"], short), header, rows
+        short = [row[:len(axes) + 1 + len(compared[:1])] for row in rows]
+        paper = ["paper (%)"] if sweep.paper else []
+        return table_figure(sweep, axes + [f"{sweep.objective} (%)"] + paper, short), header, rows
     return capacity_figure(sweep, best), header, rows
 
 

@@ -76,6 +76,7 @@ class Sweep:
     workers_per_gpu: int
     eval: dict | None
     report: dict
+    paper: dict | None = None
     description: str = ""
     _cells: list[dict] = field(default_factory=list, repr=False)
 
@@ -123,7 +124,7 @@ class Sweep:
             objective=_string("objective", c["objective"]), direction=direction,
             sampler=_sampler(c["sampler"]), pruner=_pruner(c["pruner"]), heartbeat_interval=heartbeat,
             grace_period=grace, max_retries=retries, workers_per_gpu=_positive("workers_per_gpu", c["workers_per_gpu"]),
-            eval=_eval(c["eval"]), report=_report(c["report"]),
+            eval=_eval(c["eval"]), report=_report(c["report"]), paper=_paper(c["paper"]),
             description=c.get("description") or "",
         )
         sweep._check_counts()
@@ -181,6 +182,11 @@ class Sweep:
     def parameters(self) -> list[str]:
         return [a.name for a in self.axes] + list(self.search)
 
+    @property
+    def cell_axes(self) -> list[Axis]:
+        """The axes a reported cell is made of: the grid axes not optimised over."""
+        return [a for a in self.axes if a.name not in self.report["best_over"]]
+
 
 def split_args(argv) -> tuple[list[str], list[str]]:
     """(sweep overrides, train overrides) of a sweep.py command line: `sweep*` and `action` keys
@@ -197,6 +203,7 @@ def load(cfg: DictConfig, train_args=()) -> Sweep:
         raise ValueError(f"action={cfg.action!r}: must be one of {', '.join(ACTIONS)}")
     sweep = Sweep.from_cfg(cfg.sweep, extra_train=train_args)
     check_report_axes(sweep)
+    check_paper(sweep)
     return sweep
 
 
@@ -347,6 +354,63 @@ def _eval(value):
     for key in ("num_examples", "batch_tokens", "chunk_len", "max_seconds"):
         _positive(f"eval.{key}", out[key])
     return out
+
+
+def _paper(value):
+    if value is None:
+        return None
+    out = _mapping("paper", value, {"source": None, "values": None})
+    _string("paper.source", out["source"])
+    if not isinstance(out["values"], dict) or not out["values"]:
+        raise ValueError(f"sweep.paper.values={out['values']!r}: must map the reported cells to the paper's values")
+    return out
+
+
+def check_paper(sweep: Sweep):
+    """The paper's values nest by the reported cell axes, in grid order, each key a label of its
+    axis (numbers and strings alike, compared as text); a leaf is an accuracy in [0, 1], or for an
+    extrapolation report a mapping test length -> accuracy or a mark such as "OOM"."""
+    if sweep.paper is None:
+        return
+
+    def leaf(where, v):
+        if isinstance(v, str) and sweep.report["kind"] == "extrapolation":
+            return
+        if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 <= v <= 1):
+            raise ValueError(f"sweep.paper.values{where}={v!r}: must be an accuracy in [0, 1]")
+
+    def walk(where, node, axes):
+        if not axes:
+            if sweep.report["kind"] != "extrapolation":
+                return leaf(where, node)
+            if not isinstance(node, dict):
+                raise ValueError(f"sweep.paper.values{where}={node!r}: must map test lengths to accuracies")
+            for n, v in node.items():
+                if str(n) not in map(str, sweep.eval["lengths"]):
+                    raise ValueError(f"sweep.paper.values{where}.{n}: not in sweep.eval.lengths")
+                leaf(f"{where}.{n}", v)
+            return
+        axis, rest = axes[0], axes[1:]
+        if not isinstance(node, dict):
+            raise ValueError(f"sweep.paper.values{where}={node!r}: must map labels of axis {axis.name!r}")
+        labels = [str(label) for label in axis.labels]
+        for key, child in node.items():
+            if str(key) not in labels:
+                raise ValueError(f"sweep.paper.values{where}.{key}: not a label of axis {axis.name!r}; "
+                                 f"labels: {', '.join(labels)}")
+            walk(f"{where}.{key}", child, rest)
+
+    walk("", sweep.paper["values"], sweep.cell_axes)
+
+
+def paper_value(sweep: Sweep, cell: dict):
+    """The paper's value for a reported cell ({axis name: label}), or None where it gives none."""
+    node = sweep.paper["values"] if sweep.paper else None
+    for axis in sweep.cell_axes:
+        if not isinstance(node, dict):
+            return None
+        node = {str(k): v for k, v in node.items()}.get(str(cell[axis.name]))
+    return node
 
 
 def _report(value):

@@ -172,11 +172,15 @@ class TaskDataModule(L.LightningDataModule):
             task. Validation and test always use the task itself. The stage is a function of the
             epoch, so a resumed run picks up where it stopped; the Trainer must reload the training
             loader every epoch (`run.train` sets `reload_dataloaders_every_n_epochs=1`).
+        curriculum_cycle: instead of training on the task after the stages, cycle through the stages
+            and then one epoch of the task until training ends (Mamba-2 App. D.1: "training cycles
+            through datasets using (T/32, T/16, T/8, T/4) key-value pairs"); each stage's training
+            set is the same in every cycle.
         **params: the task's own parameters (vocab_size, seq_len, ...).
     """
 
     def __init__(self, name, batch_size, num_train, num_val, num_test, seed=0, test_seq_lens=(),
-                 fresh_train=False, curriculum=(), **params):
+                 fresh_train=False, curriculum=(), curriculum_cycle=False, **params):
         super().__init__()
         sizes = {"batch_size": batch_size, "num_train": num_train, "num_val": num_val,
                  "num_test": num_test}
@@ -184,12 +188,16 @@ class TaskDataModule(L.LightningDataModule):
             check_positive_int(key, value)
         if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
             raise ValueError(f"seed={seed!r}: must be a non-negative integer")
-        if not isinstance(fresh_train, bool):
-            raise ValueError(f"fresh_train={fresh_train!r}: must be true or false")
+        for key, value in {"fresh_train": fresh_train, "curriculum_cycle": curriculum_cycle}.items():
+            if not isinstance(value, bool):
+                raise ValueError(f"{key}={value!r}: must be true or false")
         self.name, self.batch_size, self.seed, self.fresh_train = name, batch_size, seed, fresh_train
         self.sizes = {"train": num_train, "val": num_val, "test": num_test}
         self.task = make_task(name, **params)  # validates the task's parameters now
         self.curriculum = parse_curriculum(name, params, curriculum or [])
+        if curriculum_cycle and not self.curriculum:
+            raise ValueError("curriculum_cycle=true: needs curriculum stages to cycle through")
+        self.curriculum_cycle = curriculum_cycle
         self._train_stage = None  # the stage whose training set self.data["train"] holds
         self.test_tasks = {}
         for seq_len in test_seq_lens or ():
@@ -218,6 +226,8 @@ class TaskDataModule(L.LightningDataModule):
 
     def stage_at(self, epoch: int) -> int:
         """The curriculum stage that trains epoch `epoch`; len(curriculum) = the task itself."""
+        if self.curriculum_cycle:  # a cycle: every stage for its epochs, then the task for one
+            epoch %= sum(stage.epochs for stage in self.curriculum) + 1
         end = 0
         for i, stage in enumerate(self.curriculum):
             end += stage.epochs

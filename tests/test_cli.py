@@ -110,7 +110,8 @@ def test_help_lists_the_groups_of_this_script_only():
     proc = cli("run.py", "--help")
     groups = proc.stdout.split("== Config groups", 1)[1].split("==\n", 1)[1].split("\n\n", 1)[0]
     listed = dict(line.split(": ", 1) for line in groups.strip().splitlines())
-    assert listed.keys() == {"task", "model", "trainer", "logger", "experiment"}, groups
+    assert listed.keys() == {"task", "model", "trainer", "logger", "scheduler", "experiment"}, groups
+    assert listed["scheduler"] == "stepped_linear, warmup_cosine"
     assert "zoology_fig2" in listed["experiment"] and "mohawk" not in listed["experiment"]
 
 

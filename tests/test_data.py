@@ -35,6 +35,23 @@ def test_curriculum_trains_each_stage_for_its_epochs_then_the_task():
         assert {n for b in loader for n in scored_per_example(b)} == {6}
 
 
+def test_a_cycled_curriculum_repeats_the_stages_then_one_epoch_of_the_task():
+    dm = TaskDataModule(**MQAR, curriculum=STAGES, curriculum_cycle=True)
+    dm.setup()
+    # A cycle of 4 epochs: stage 1 (K=2) for 1, stage 2 (K=4) for 2, the task (K=6) for 1.
+    first = {}
+    for epoch, k in [(0, 2), (1, 4), (2, 4), (3, 6), (4, 2), (5, 4), (7, 6), (8, 2)]:
+        loader = at_epoch(dm, epoch).train_dataloader()
+        assert {n for b in loader for n in scored_per_example(b)} == {k}, epoch
+        inputs = dm.data["train"].inputs
+        assert torch.equal(first.setdefault(k, inputs.clone()), inputs), epoch  # the same set every cycle
+
+
+def test_a_cycle_needs_stages():
+    with pytest.raises(ValueError, match=r"^curriculum_cycle=true: needs curriculum stages"):
+        TaskDataModule(**MQAR, curriculum_cycle=True)
+
+
 def test_curriculum_stage_is_a_function_of_the_epoch():
     """A resumed run (Lightning restores current_epoch) trains on what an uninterrupted one did."""
     straight, resumed = TaskDataModule(**MQAR, curriculum=STAGES), TaskDataModule(**MQAR, curriculum=STAGES)

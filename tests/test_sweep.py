@@ -18,7 +18,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 import run
 import sweep
-from sweeps import driver
+from sweeps import driver, report
 from sweeps.callbacks import OptunaPruning
 from sweeps.spec import from_overrides
 from sweeps.study import CellView
@@ -72,6 +72,26 @@ def test_report_writes_the_figure_and_the_table(smoke, capsys):
     assert all(0 <= float(r["value"]) <= 1 and r["n_complete"] == "1" for r in rows)
 
 
+def test_report_draws_and_tabulates_the_papers_values_beside_ours(smoke, capsys):
+    """Where the preset gives the paper's values, each cell's CSV row has them and ours minus them
+    (empty where the paper gives none), and the figure has a dashed line of the paper's points."""
+    argv, spec, study = smoke
+    paper = "sweep.paper={source:test,values:{attention:{16:0.25,32:0.5}}}"
+    sweep.main([*argv, paper, "action=report"])
+    png, table = (Path(line) for line in capsys.readouterr().out.split())
+    rows = {(r["model"], r["model.d_model"]): r for r in csv.DictReader(table.open())}
+    for width, value in (("16", 0.25), ("32", 0.5)):
+        row = rows["attention", width]
+        assert float(row["paper"]) == value
+        assert float(row["difference"]) == pytest.approx(float(row["value"]) - value)
+    assert rows["mamba2", "16"]["paper"] == rows["mamba2", "16"]["difference"] == ""
+    spec = from_overrides([*argv, paper])
+    figure, header, _ = report.layout(spec, report.best_per_cell(spec, report.trial_rows(study)))
+    assert header[:5] == ["model", "model.d_model", "test/acc", "paper", "difference"]
+    dashed = [line for ax in figure.axes for line in ax.lines if line.get_linestyle() == "--"]
+    assert [list(line.get_ydata()) for line in dashed] == [[0.25, 0.5], []]  # attention's; the legend's
+
+
 def test_the_analysis_notebook_runs_against_the_smoke_study(smoke, monkeypatch):
     argv, spec, _ = smoke
     monkeypatch.setenv("MIXERLAB_SWEEP_OVERRIDES", " ".join(argv))
@@ -120,6 +140,10 @@ BAD = {
     "bad-action": (["action=plot"], ["action='plot'", "report"]),
     "too-many-trials": (["sweep.n_trials=10"], ["sweep.n_trials=10", "4 cells"]),
     "report-axis": (["sweep.report.x=model.d_state"], ["sweep.report.x='model.d_state'", "model.d_model"]),
+    "paper-label": (["sweep.paper={source:x,values:{mamba3:{16:0.5}}}"],
+                    ["sweep.paper.values.mamba3", "not a label of axis 'model'", "mamba2"]),
+    "paper-value": (["sweep.paper={source:x,values:{mamba2:{16:50}}}"],
+                    ["sweep.paper.values.mamba2.16=50", "accuracy in [0, 1]"]),
     "workers-per-gpu": (["sweep.workers_per_gpu=0"], ["sweep.workers_per_gpu=0", "positive integer"]),
     "storage-scheme": (["sweep.storage=nosuchdb://x/y"], ["sweep.storage='nosuchdb://x/y'", "cannot open"]),
     "storage-unreachable": (["sweep.storage=postgresql+psycopg2://u:p@127.0.0.1:9/db"],

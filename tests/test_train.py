@@ -12,7 +12,7 @@ from tensorboard.plugins.hparams import plugin_data_pb2
 
 import run
 from models.callbacks import Diverged, FiniteLoss
-from models.lit import warmup_cosine
+from models.lit import stepped_linear, warmup_cosine
 
 TINY = ["task.num_train=4000", "task.num_val=200", "task.num_test=200", "task.batch_size=64",
         "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=5"]
@@ -79,6 +79,11 @@ def test_resume_continues_from_checkpoint_on_the_longer_schedule(tmp_path):
         factor = warmup_cosine(torch.optim.SGD([torch.zeros(1)], lr=1), int(total), 0.05).lr_lambdas[0]
         assert value == pytest.approx(lr * factor(step)), (step, total)
     assert any(step >= steps_per_epoch for step in logged)
+
+
+def test_stepped_linear_drops_once_per_eighth_to_an_eighth():
+    factor = stepped_linear(torch.optim.SGD([torch.zeros(1)], lr=1), total_steps=800).lr_lambdas[0]
+    assert [factor(s) for s in (0, 99, 100, 450, 699, 700, 799)] == [1, 1, 7 / 8, 4 / 8, 2 / 8, 1 / 8, 1 / 8]
 
 
 def test_last_checkpoint_is_written_at_every_validation(tmp_path):
