@@ -233,7 +233,7 @@ def test_triton_backend_gets_every_argument(monkeypatch):
     (_, scan_args, scan_kwargs), (_, step_args, step_kwargs) = calls
     assert scan_args == (t["x"], t["dt"], t["A"], t["B"], t["C"], 4)
     assert scan_kwargs == dict(
-        D=None, z=None, dt_bias=None, dt_softplus=True, initial_states=None, return_final_states=True
+        D=None, z=None, dt_bias=None, dt_softplus=True, initial_states=None, return_final_states=True, path="auto"
     )
     assert step_args == ("state", "x", "dt", "A", "B", "C")
     assert step_kwargs == dict(D="D", z="z", dt_bias="bias", dt_softplus=True)
