@@ -6,6 +6,7 @@ import triton.language as tl
 
 from kernels import cdiv, next_pow2
 from kernels.launch import fast_launch
+from kernels.reference_common import check_groups
 from kernels.ssd.common import _check, _head, _head_params, _load_D, _process_dt
 
 @fast_launch
@@ -59,8 +60,7 @@ def ssd_step_triton(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_soft
     """
     batch, nheads, headdim = x.shape
     ngroups, dstate = B.shape[1], B.shape[2]
-    if nheads % ngroups:
-        raise ValueError(f"ngroups={ngroups}: must divide nheads={nheads}")
+    check_groups(nheads, ngroups, "nheads")
     _check("state", state, (batch, nheads, headdim, dstate))
     _check("dt", dt, (batch, nheads))
     _check("C", C, (batch, ngroups, dstate))

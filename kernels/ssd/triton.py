@@ -16,6 +16,7 @@ import torch
 
 from kernels import cdiv
 from kernels.launch import INTERPRET
+from kernels.reference_common import check_groups
 from kernels.ssd.chunk import _ssd_bwd, _ssd_fwd
 from kernels.ssd.common import _cast, _check, _num_sms, _pow2
 from kernels.ssd.fused import _FUSED_T, _fused_bwd, _fused_fwd, _fused_split
@@ -134,8 +135,7 @@ def ssd_scan_triton(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt
         raise ValueError(f"chunk_size={chunk_size!r}: must be a positive integer")
     batch, seqlen, nheads, headdim = x.shape
     ngroups, dstate = B.shape[2], B.shape[3]
-    if nheads % ngroups:
-        raise ValueError(f"ngroups={ngroups}: must divide nheads={nheads}")
+    check_groups(nheads, ngroups, "nheads")
     _check("dt", dt, (batch, seqlen, nheads))
     _check("A", A, (nheads,))
     _check("B", B, (batch, seqlen, ngroups, dstate))
