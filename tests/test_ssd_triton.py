@@ -11,7 +11,6 @@ error grows with the cancellation: 5e-2 for bf16, 1e-2 for fp16, and 5e-3 for fp
 operands keep fp16's 10-bit mantissa; d dt_bias read 2.0e-3 at (2, 40, 2, 64, 16) on an H200).
 """
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -20,11 +19,9 @@ import torch
 
 from kernels.ssd import ssd_scan
 from kernels.ssd.reference import ssd_scan_ref, ssd_step_ref
-from tests.conftest import assert_graph_replays_eager, rel_err
+from tests.conftest import INTERPRET, assert_graph_replays_eager, rel_err, skip_module_without_triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (INTERPRET or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+skip_module_without_triton()
 
 import kernels.ssd.triton as ssd_triton  # noqa: E402
 from kernels import next_pow2  # noqa: E402
