@@ -6,7 +6,8 @@ For each tile: registers, stack, and, in the loop over the state index n, the in
 thread and per state update, shuffles, exps, vector atomics, barriers and shared-memory traffic.
 The specialisation matches bench/selective_scan.py's shape 1 (b, d, l, n) = (64, 256, 1024, 16): bf16 u, Δ, B,
 C, z, dy; fp32 A, D, Δ bias; 16-divisible sizes and strides, the strides equal to 1 as constants.
-Needs only triton (it ships ptxas and cuobjdump). What the counts predict: bench/notes/selective_scan.md.
+Needs only triton (it ships ptxas and cuobjdump). What the counts predicted, and the times: BENCHMARKS.md
+(the selective scan's measurement notes).
 """
 
 import collections

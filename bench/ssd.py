@@ -156,7 +156,7 @@ def time_shape(b, l, h, p, n, mamba, paths=PATHS):
         passes[name, "fwd"] = torch.no_grad()(fn)
         passes[name, "fwdbwd"] = functools.partial(_fwdbwd, fn, inputs, grad_out)
     # Eager times are the host's where it is slower than the GPU, and the host's speed drifts over seconds
-    # (bench/notes/ssd.md, v6): the peers take turns over EAGER_ROUNDS rounds, and each keeps its median round.
+    # (BENCHMARKS.md, the SSD's version notes, v6): the peers take turns over EAGER_ROUNDS rounds, and each keeps its median round.
     eager = {key: [] for key in passes}  # a peer that fails (out of memory, say) leaves, the others stay
     for _ in range(EAGER_ROUNDS):
         for key in list(eager):
