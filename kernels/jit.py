@@ -1,4 +1,5 @@
-"""@triton.jit helpers that more than one op's kernels call, written once: the two scans' softplus."""
+"""@triton.jit helpers that more than one op's kernels call, written once: the two scans' softplus and
+its gradient."""
 
 import triton
 import triton.language as tl
@@ -12,3 +13,10 @@ def softplus(v):
     w = 1.0 + e
     log1p_e = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
     return tl.where(v <= 20.0, log1p_e, v)
+
+
+@triton.jit
+def softplus_grad(g, v):
+    """g·softplus'(v) = g·sigmoid(v): the gradient g of softplus(v) taken back to v; the identity's
+    (g itself) above 20, where `softplus` is the identity."""
+    return tl.where(v <= 20.0, g * tl.sigmoid(v), g)

@@ -43,7 +43,7 @@ import triton
 import triton.language as tl
 
 from kernels import cdiv, next_pow2
-from kernels.jit import softplus
+from kernels.jit import softplus, softplus_grad
 from kernels.launch import INTERPRET, fast_launch
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(v) = exp2(v·log2 e): ex2 is the native instruction
@@ -441,7 +441,7 @@ def _selective_scan_bwd_kernel(
         if SOFTPLUS:
             # delta + delta_bias is reloaded rather than kept alive through the loop over n.
             _, dt_pre = _load_delta(delta_row + offs_l[None, :], bias[:, None], mask, HAS_BIAS, False)
-            ddt = tl.where(dt_pre <= 20.0, ddt * tl.sigmoid(dt_pre), ddt)
+            ddt = softplus_grad(ddt, dt_pre)
         if HAS_BIAS:
             dbias_acc += tl.sum(ddt, axis=1)
         tl.store(du_ptr + out_row + offs_l[None, :], du, mask=mask)

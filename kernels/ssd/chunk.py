@@ -29,6 +29,7 @@ import triton
 import triton.language as tl
 
 from kernels import cdiv, next_pow2
+from kernels.jit import softplus_grad
 from kernels.launch import fast_launch
 from kernels.ssd.common import (
     _autotune, _dot, _gated_grad, _head_params, _load_D, _num_sms, _pow2, _cast, _process_dt,
@@ -555,7 +556,7 @@ def _dt_bwd_kernel(
     if DT_SOFTPLUS:
         raw = tl.load(dt_ptr + b.to(tl.int64) * s_dt_b + offs * s_dt_l + hh * s_dt_h, mask=mask, other=0.0).to(tl.float32)
         raw += bias
-        ddt = tl.where(raw > 20.0, ddt, ddt * tl.sigmoid(raw))
+        ddt = softplus_grad(ddt, raw)
     ddt = tl.where(mask, ddt, 0.0)
     if HAS_DT_BIAS:
         tl.store(ddt_bias_ptr + bh.to(tl.int64) * nchunks + c, tl.sum(ddt))

@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from kernels import cdiv, next_pow2
+from kernels.jit import softplus_grad
 from kernels.launch import INTERPRET, fast_launch
 from kernels.ssd.common import (
     _autotune, _dot, _gated_grad, _head, _head_params, _load_D, _num_sms, _pow2, _process_dt,
@@ -410,7 +411,7 @@ def _fused_block_bwd_kernel(
     dda += tl.cumsum(dcs, axis=0, reverse=True) + (tl.cumsum(w, axis=0) - w)  # ∂L/∂(Δ_r A)
     ddt += dda * A
     if DT_SOFTPLUS:
-        ddt = tl.where(raw > 20.0, ddt, ddt * tl.sigmoid(raw))
+        ddt = softplus_grad(ddt, raw)
     ddt = tl.where(mask_t, ddt, 0.0)
     tl.store(ddt_ptr + (tok + offs_t) * nheads + hh, ddt, mask=mask_t)  # ddt: contiguous (b, l, h)
     tl.store(part, tl.sum(dda * dt))
