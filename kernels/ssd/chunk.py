@@ -314,6 +314,38 @@ _SCAN_BWD_CONFIGS = [
 _SCAN_BWD_KEY = ["chunk_size", "headdim", "dstate", "heads_per_split", "IS_FP32"]
 
 
+@triton.jit
+def _scan_bwd_program(seqlen, chunk_size, heads_per_group, heads_per_split, ngroups):
+    """What a program of the two scan backward kernels owns, from its grid index (row block, chunk,
+    b·g·split): (row block, chunk, nchunks, batch, group, split of the group's heads, the chunk's
+    first token and its length)."""
+    pid_m = tl.program_id(0)
+    c = tl.program_id(1)
+    pid_bgs = tl.program_id(2)
+    nchunks = tl.num_programs(1)
+    nsplit = heads_per_group // heads_per_split
+    b = pid_bgs // (ngroups * nsplit)
+    gg = (pid_bgs // nsplit) % ngroups
+    split = pid_bgs % nsplit
+    start = c * chunk_size
+    chunk_len = tl.minimum(chunk_size, seqlen - start)
+    return pid_m, c, nchunks, b, gg, split, start, chunk_len
+
+
+@triton.jit
+def _scan_bwd_head(i, b64, gg, split, start, x_ptr, seqlen, nheads, headdim, heads_per_group, heads_per_split,
+                   s_x_b, s_x_l, s_x_h, s_z_b, s_z_l, s_z_h):
+    """Head i of the program's split: the head, b·h, and the chunk's offsets into the (b·h, l) buffers,
+    into x, into z, and into the contiguous (b, l, h, p) dout, ypre, dx and dz."""
+    hh = gg * heads_per_group + split * heads_per_split + i
+    bh = b64 * nheads + hh
+    buf_base = bh * seqlen + start
+    x_base = x_ptr + b64 * s_x_b + start * s_x_l + hh * s_x_h
+    z_base = b64 * s_z_b + start * s_z_l + hh * s_z_h
+    o_base = ((b64 * seqlen + start) * nheads + hh) * headdim
+    return hh, bh, buf_base, x_base, z_base, o_base
+
+
 @fast_launch
 @_autotune(_SCAN_BWD_CONFIGS, key=_SCAN_BWD_KEY)
 @triton.jit
@@ -336,16 +368,8 @@ def _chunk_scan_bwd_dx_kernel(
     and the parts of ∂L/∂(Δ·A) that leave t (see `_dt_bwd_kernel`):
       dq_t = Δ_t exp(cs_end − cs_t) x_t·(G B_t),   dcs_in_t = Σ_{s > t} M_st.
     """
-    pid_m = tl.program_id(0)
-    c = tl.program_id(1)
-    pid_bgs = tl.program_id(2)
-    nchunks = tl.num_programs(1)
-    nsplit = heads_per_group // heads_per_split
-    b = pid_bgs // (ngroups * nsplit)
-    gg = (pid_bgs // nsplit) % ngroups
-    split = pid_bgs % nsplit
-    start = c * chunk_size
-    chunk_len = tl.minimum(chunk_size, seqlen - start)
+    pid_m, c, nchunks, b, gg, split, start, chunk_len = _scan_bwd_program(
+        seqlen, chunk_size, heads_per_group, heads_per_split, ngroups)
     m0 = pid_m * BLOCK_M
     if m0 >= chunk_len:
         return
@@ -366,12 +390,9 @@ def _chunk_scan_bwd_dx_kernel(
     row = offs_m[:, None] * nheads * headdim + offs_p[None, :]  # (M, P) offsets in contiguous (b, l, h, p)
 
     for i in range(heads_per_split):
-        hh = gg * heads_per_group + split * heads_per_split + i
-        bh = b64 * nheads + hh
-        buf_base = bh * seqlen + start
-        x_base = x_ptr + b64 * s_x_b + start * s_x_l + hh * s_x_h
-        z_base = b64 * s_z_b + start * s_z_l + hh * s_z_h
-        o_base = ((b64 * seqlen + start) * nheads + hh) * headdim  # dout, ypre, dx, dz
+        hh, bh, buf_base, x_base, z_base, o_base = _scan_bwd_head(
+            i, b64, gg, split, start, x_ptr, seqlen, nheads, headdim, heads_per_group, heads_per_split,
+            s_x_b, s_x_l, s_x_h, s_z_b, s_z_l, s_z_h)
         cs_m = tl.load(cs_ptr + buf_base + offs_m, mask=mask_m, other=0.0)
         dt_m = tl.load(dtp_ptr + buf_base + offs_m, mask=mask_m, other=0.0)
         cs_end = tl.load(cs_ptr + buf_base + chunk_len - 1)
@@ -443,16 +464,8 @@ def _chunk_scan_bwd_dc_kernel(
     and the parts of ∂L/∂(Δ·A) that reach t: dcs_out_t = Σ_{s < t} M_ts + exp(cs_t) C_t·(Sᵀ dy_t), and
     per chunk dcs_chunk = exp(cs_end)⟨G, S⟩.
     """
-    pid_m = tl.program_id(0)
-    c = tl.program_id(1)
-    pid_bgs = tl.program_id(2)
-    nchunks = tl.num_programs(1)
-    nsplit = heads_per_group // heads_per_split
-    b = pid_bgs // (ngroups * nsplit)
-    gg = (pid_bgs // nsplit) % ngroups
-    split = pid_bgs % nsplit
-    start = c * chunk_size
-    chunk_len = tl.minimum(chunk_size, seqlen - start)
+    pid_m, c, nchunks, b, gg, split, start, chunk_len = _scan_bwd_program(
+        seqlen, chunk_size, heads_per_group, heads_per_split, ngroups)
     m0 = pid_m * BLOCK_M
     if m0 >= chunk_len:
         return
@@ -473,12 +486,9 @@ def _chunk_scan_bwd_dc_kernel(
     row = offs_m[:, None] * nheads * headdim + offs_p[None, :]
 
     for i in range(heads_per_split):
-        hh = gg * heads_per_group + split * heads_per_split + i
-        bh = b64 * nheads + hh
-        buf_base = bh * seqlen + start
-        x_base = x_ptr + b64 * s_x_b + start * s_x_l + hh * s_x_h
-        z_base = b64 * s_z_b + start * s_z_l + hh * s_z_h
-        o_base = ((b64 * seqlen + start) * nheads + hh) * headdim
+        hh, bh, buf_base, x_base, z_base, o_base = _scan_bwd_head(
+            i, b64, gg, split, start, x_ptr, seqlen, nheads, headdim, heads_per_group, heads_per_split,
+            s_x_b, s_x_l, s_x_h, s_z_b, s_z_l, s_z_h)
         st_pn = ((b64 * nchunks + c) * nheads + hh) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :]
         cs_m = tl.load(cs_ptr + buf_base + offs_m, mask=mask_m, other=0.0)
         S = tl.load(states_ptr + st_pn, mask=mask_pn, other=0.0)  # (P, N)
