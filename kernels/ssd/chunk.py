@@ -573,6 +573,20 @@ def _dt_bwd_kernel(
     tl.store(ddt_ptr + (b.to(tl.int64) * seqlen + offs) * nheads + hh, ddt, mask=mask)  # ddt: contiguous (b, l, h)
 
 
+def _state_passing(states, cs, init, final, chunk_size, reverse):
+    """`_state_passing_kernel` over states (b, nchunks, h, p, n) fp32, in place, with cs (b, h, l): from `init`
+    (b, h, p, n) or zero, and the state after the last chunk into `final` when it is given (see the kernel)."""
+    batch, nchunks, nheads, headdim, dstate = states.shape
+    numel = headdim * dstate
+    BLOCK = min(256, next_pow2(numel))
+    _state_passing_kernel[(cdiv(numel, BLOCK), batch * nheads)](
+        states, cs, init if init is not None else states, final if final is not None else states,
+        cs.shape[2], nheads, nchunks, chunk_size, numel,
+        REVERSE=reverse, HAS_INIT=init is not None, HAS_FINAL=final is not None, BLOCK=BLOCK,
+        num_warps=2,
+    )
+
+
 def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softplus, store_final, store_ypre):
     """Returns out (b, l, h, p), final state or None, and what the backward needs."""
     batch, seqlen, nheads, headdim = x.shape
@@ -595,14 +609,7 @@ def _ssd_fwd(x, dt, A, B, C, chunk_size, D, z, dt_bias, initial_states, dt_softp
     )
     final = torch.empty(batch, nheads, headdim, dstate, **f32) if store_final else None
     init = initial_states.contiguous() if initial_states is not None else None
-    numel = headdim * dstate
-    BLOCK = min(256, next_pow2(numel))
-    _state_passing_kernel[(cdiv(numel, BLOCK), batch * nheads)](
-        states, cs, init if init is not None else states, final if final is not None else states,
-        seqlen, nheads, nchunks, chunk_size, numel,
-        REVERSE=False, HAS_INIT=init is not None, HAS_FINAL=final is not None, BLOCK=BLOCK,
-        num_warps=2,
-    )
+    _state_passing(states, cs, init, final, chunk_size, reverse=False)
     out = torch.empty(batch, seqlen, nheads, headdim, device=x.device, dtype=x.dtype)
     ypre = torch.empty_like(out) if (store_ypre and z is not None) else None
     zz = z if z is not None else x
@@ -643,14 +650,7 @@ def _ssd_bwd(dout, dfinal, x, dt, A, B, C, chunk_size, D, z, dt_bias, dt_softplu
     )
     dinit = torch.empty(batch, nheads, headdim, dstate, **f32) if has_init else None
     dfin = dfinal.contiguous() if dfinal is not None else None
-    numel = headdim * dstate
-    BLOCK = min(256, next_pow2(numel))
-    _state_passing_kernel[(cdiv(numel, BLOCK), batch * nheads)](
-        dstates, cs, dfin if dfin is not None else dstates, dinit if dinit is not None else dstates,
-        seqlen, nheads, nchunks, chunk_size, numel,
-        REVERSE=True, HAS_INIT=dfin is not None, HAS_FINAL=dinit is not None, BLOCK=BLOCK,
-        num_warps=2,
-    )
+    _state_passing(dstates, cs, dfin, dinit, chunk_size, reverse=True)
 
     # Split a group's heads over more programs only when the grid would not fill the GPU.
     heads_per_split = hpg
