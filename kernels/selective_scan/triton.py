@@ -68,6 +68,20 @@ def _load_delta(ptrs, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr
 
 
 @triton.jit
+def _channel_params(bias_ptr, D_ptr, offs_d, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta_bias and D of the program's channels, (BLOCK_D,) fp32 each; 0 where there is none."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d).to(tl.float32)
+    else:
+        D = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    return bias, D
+
+
+@triton.jit
 def _by_thread(v, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr):
     """A (BLOCK_D, BLOCK_L) tile as four (BLOCK_D, BLOCK_L // 4) tiles, step 4j + k of the chunk in
     the k-th at column j. In the backward's tiles a thread holds 4 consecutive steps (VEC = 4), so
@@ -203,12 +217,7 @@ def _selective_scan_fwd_kernel(
     states_tile = states_row[:, None] + span[None, :] * dstate
     ends_span = (grp % GROUPS == GROUPS - 1)[None, :]
     is_first = (offs_c == 0)[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + offs_d).to(tl.float32)
+    bias, D = _channel_params(bias_ptr, D_ptr, offs_d, HAS_BIAS, HAS_D, BLOCK_D)
 
     for c in range(nchunks):
         offs_l = c * BLOCK_L + offs_c
@@ -333,12 +342,7 @@ def _selective_scan_bwd_kernel(
     # may still read; the barrier at the end of each chunk orders the rest.
     gcarry_row = gcarry_ptr + (pid_b * dim + offs_d) * 2 * dstate  # (BLOCK_D,)
     gcarry_tile = gcarry_row[:, None] + lane * 0  # lane 0 stores its first step's adjoint
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + offs_d).to(tl.float32)
+    bias, D = _channel_params(bias_ptr, D_ptr, offs_d, HAS_BIAS, HAS_D, BLOCK_D)
 
     if LANE_STATE:
         # dstate <= BLOCK_L // 4: lane k of a (BLOCK_D, BLOCK_L // 4) tile holds state index k's
