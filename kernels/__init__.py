@@ -6,6 +6,9 @@ the CPU path) and `triton.py` (GPU kernels), dispatched by the op's `__init__` o
     "auto"    Triton for CUDA tensors when the op's Triton module imports, else the reference
 
 Triton modules are imported only when they are chosen, so a CPU install never needs them.
+
+Shared by the ops: `jit.py` (@triton.jit helpers of both scans), `launch.py` (direct launches) and
+`reference_common.py` (what the scans' references share).
 """
 
 import functools

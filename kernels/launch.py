@@ -4,7 +4,7 @@ On the GPU machine (an H200 on a Xeon host, triton 3.6), one launch of an autotu
 arguments took 88 µs of host time: ~45 µs in the autotuner (its key holds a `str` of every tensor's
 dtype), ~30 µs in the JIT's binding and specialisation, and ~15 µs in the compiled kernel's own
 launcher. An eager forward+backward of the fused SSD launches three kernels against ~0.4 ms of GPU
-time, so those 88 µs a launch set the pace (kernels/ssd/NOTES.md, "v6: direct launches").
+time, so those 88 µs a launch set the pace (bench/notes/ssd.md, "v6: direct launches").
 
 `@fast_launch` over a `@triton.jit` kernel (autotuned or not) keeps the call syntax,
 `kernel[grid](*runtime_args, **constexprs_and_options)`. The first call with a given key goes through

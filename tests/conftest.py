@@ -1,9 +1,20 @@
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+
+# The Triton tests run on a GPU, or on the CPU through Triton's interpreter (TRITON_INTERPRET=1, as CI runs them).
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def skip_module_without_triton() -> None:
+    """Skip the calling test module where Triton cannot run: no CUDA GPU and no TRITON_INTERPRET=1."""
+    if not (INTERPRET or torch.cuda.is_available()):
+        pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
 
 
 def pytest_collection_modifyitems(config, items):
@@ -65,9 +76,36 @@ def assert_graph_replays_eager(op, static: dict, fresh: dict, names: list[str]):
         assert torch.equal(a, b), name
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """‖a − b‖ / ‖b‖, in fp64."""
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
+    """‖a − b‖ / max(‖b‖, floor), in fp64. A floor keeps a reference that is exactly zero (a scan's dA
+    at l = 1, where h_{-1} = 0) from giving 0/0."""
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(floor)).item()
+
+
+def fill_cuda_allocator_with_nan() -> None:
+    """Fill the caching allocator with NaN (1 GiB): an output element that a kernel never writes then fails."""
+    torch.full((1 << 28,), float("nan"), device="cuda")
+
+
+def assert_matches_oracle(outs: tuple, outs_oracle: tuple, inputs: dict, tol_out: float, tol_grad: float,
+                          zero_grads: tuple = ()) -> None:
+    """A reference against its per-token oracle: each output, then the gradient of every input for one
+    seeded random upstream gradient of each output, by relative error. The inputs in `zero_grads` get no
+    gradient from either (both must be exactly zero); every other oracle gradient must be nonzero."""
+    for out, out_oracle in zip(outs, outs_oracle):
+        assert rel_err(out, out_oracle) < tol_out
+    gen = torch.Generator().manual_seed(1)
+    douts = [torch.randn(out.shape, generator=gen, dtype=out.dtype) for out in outs]
+    names = list(inputs)
+    leaves = [inputs[k] for k in names]
+    grads = torch.autograd.grad(outs, leaves, douts, allow_unused=True, materialize_grads=True)
+    grads_oracle = torch.autograd.grad(outs_oracle, leaves, douts)
+    for name, grad, grad_oracle in zip(names, grads, grads_oracle):
+        if name in zero_grads:
+            assert grad.norm() == grad_oracle.norm() == 0
+            continue
+        assert grad_oracle.norm() > 0, name
+        assert rel_err(grad, grad_oracle) < tol_grad, name
 
 
 def assert_matches_fp64_reference(name: str, op, ref, inputs: dict, tol: float, tol_of: dict) -> torch.Tensor:

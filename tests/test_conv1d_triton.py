@@ -11,7 +11,6 @@ chunks of 16 rows) and end inside one. Tests marked `gpu` run at the workbench's
 dbias, sums over batch·seqlen terms, 1e-4 on the GPU), bf16 1e-2 (x, out and dx rounded to bf16).
 """
 
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -19,11 +18,12 @@ import torch
 
 from kernels.conv1d import causal_conv1d
 from kernels.conv1d.reference import causal_conv1d_ref
-from tests.conftest import assert_graph_replays_eager, assert_matches_fp64_reference, rel_err
+from tests.conftest import (
+    INTERPRET, assert_graph_replays_eager, assert_matches_fp64_reference, fill_cuda_allocator_with_nan, rel_err,
+    skip_module_without_triton,
+)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (INTERPRET or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+skip_module_without_triton()
 
 from kernels.conv1d.triton import causal_conv1d_triton  # noqa: E402
 
@@ -189,8 +189,7 @@ GPU_CASES = [Case(128, 256, c, 4, torch.bfloat16) for c in (256, 320, 640)] + [
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_matches_reference_gpu(case):
-    # Fill the caching allocator with NaN first: an output element the kernels never write fails.
-    torch.full((1 << 28,), float("nan"), device="cuda")
+    fill_cuda_allocator_with_nan()
     check_against_ref(case, make_inputs(case))
 
 

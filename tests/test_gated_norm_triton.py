@@ -10,7 +10,6 @@ group sizes that are not a power of two. Tests marked `gpu` run at the workbench
 and dz rounded to bf16).
 """
 
-import os
 from dataclasses import dataclass
 
 import pytest
@@ -18,11 +17,12 @@ import torch
 
 from kernels.gated_norm import gated_rms_norm
 from kernels.gated_norm.reference import gated_rms_norm_ref
-from tests.conftest import assert_graph_replays_eager, assert_matches_fp64_reference
+from tests.conftest import (
+    INTERPRET, assert_graph_replays_eager, assert_matches_fp64_reference, fill_cuda_allocator_with_nan,
+    skip_module_without_triton,
+)
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (INTERPRET or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+skip_module_without_triton()
 
 from kernels.gated_norm.triton import gated_rms_norm_triton  # noqa: E402
 
@@ -136,8 +136,7 @@ GPU_CASES = [Case((128, 256), d, 1, torch.bfloat16) for d in (256, 320, 640)] + 
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_matches_reference_gpu(case):
-    # Fill the caching allocator with NaN first: an output element the kernels never write fails.
-    torch.full((1 << 28,), float("nan"), device="cuda")
+    fill_cuda_allocator_with_nan()
     check_against_ref(case, make_inputs(case))
 
 

@@ -13,7 +13,7 @@ import kernels.ssd
 from kernels import load_backend
 from kernels.ssd import ssd_scan, ssd_step
 from kernels.ssd.reference import ssd_scan_naive, ssd_scan_ref
-from tests.conftest import rel_err
+from tests.conftest import assert_matches_oracle, rel_err
 
 
 @dataclass(frozen=True)
@@ -85,19 +85,7 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=str)
 def test_ref_matches_naive_outputs_and_all_gradients(case):
     inputs = make_inputs(case)
-    (y, final), (y_naive, final_naive) = run_both(case, inputs)
-    assert rel_err(y, y_naive) < 1e-12
-    assert rel_err(final, final_naive) < 1e-12
-
-    gen = torch.Generator().manual_seed(1)
-    dy = torch.randn(y.shape, generator=gen, dtype=y.dtype)
-    dfinal = torch.randn(final.shape, generator=gen, dtype=final.dtype)
-    names = list(inputs)
-    grads = torch.autograd.grad((y, final), [inputs[k] for k in names], (dy, dfinal))
-    grads_naive = torch.autograd.grad((y_naive, final_naive), [inputs[k] for k in names], (dy, dfinal))
-    for name, grad, grad_naive in zip(names, grads, grads_naive):
-        assert grad_naive.norm() > 0, name
-        assert rel_err(grad, grad_naive) < 1e-10, name
+    assert_matches_oracle(*run_both(case, inputs), inputs, 1e-12, 1e-10)
 
 
 @pytest.mark.parametrize("case", CASES[:3], ids=str)
@@ -233,7 +221,7 @@ def test_triton_backend_gets_every_argument(monkeypatch):
     (_, scan_args, scan_kwargs), (_, step_args, step_kwargs) = calls
     assert scan_args == (t["x"], t["dt"], t["A"], t["B"], t["C"], 4)
     assert scan_kwargs == dict(
-        D=None, z=None, dt_bias=None, dt_softplus=True, initial_states=None, return_final_states=True
+        D=None, z=None, dt_bias=None, dt_softplus=True, initial_states=None, return_final_states=True, path="auto"
     )
     assert step_args == ("state", "x", "dt", "A", "B", "C")
     assert step_kwargs == dict(D="D", z="z", dt_bias="bias", dt_softplus=True)

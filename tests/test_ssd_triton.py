@@ -11,7 +11,6 @@ error grows with the cancellation: 5e-2 for bf16, 1e-2 for fp16, and 5e-3 for fp
 operands keep fp16's 10-bit mantissa; d dt_bias read 2.0e-3 at (2, 40, 2, 64, 16) on an H200).
 """
 
-import os
 import re
 from dataclasses import dataclass
 
@@ -20,13 +19,13 @@ import torch
 
 from kernels.ssd import ssd_scan
 from kernels.ssd.reference import ssd_scan_ref, ssd_step_ref
-from tests.conftest import assert_graph_replays_eager, rel_err
+from tests.conftest import INTERPRET, assert_graph_replays_eager, rel_err, skip_module_without_triton
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-if not (INTERPRET or torch.cuda.is_available()):
-    pytest.skip("Triton kernels need a CUDA GPU or TRITON_INTERPRET=1", allow_module_level=True)
+skip_module_without_triton()
 
 import kernels.ssd.triton as ssd_triton  # noqa: E402
+from kernels import next_pow2  # noqa: E402
+from kernels.ssd import common, fused  # noqa: E402
 from kernels.ssd.triton import ssd_scan_triton, ssd_step_triton  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
@@ -86,10 +85,10 @@ def make_inputs(case: Case, seed: int = 0, dt_scale: float = 1.0) -> dict[str, t
     return {k: v.to(DEVICE, case.dtype if k in PER_TOKEN else torch.float32).requires_grad_() for k, v in t.items()}
 
 
-def check_against_ref(case: Case, inputs: dict, scan=ssd_scan_triton, tol: float | None = None):
+def check_against_ref(case: Case, inputs: dict, scan=ssd_scan_triton, tol: float | None = None, path: str = "auto"):
     """Triton vs fp64 reference: y and final state, then the gradient of every input."""
     kwargs = dict(chunk_size=case.Q, dt_softplus=case.softplus, return_final_states=True)
-    y, final = scan(**inputs, **kwargs)
+    y, final = scan(**inputs, **kwargs, path=path)
     inputs64 = {k: v.detach().double().requires_grad_() for k, v in inputs.items()}
     y_ref, final_ref = ssd_scan_ref(**inputs64, **kwargs)
     assert y.dtype == case.dtype and final.dtype == torch.float32
@@ -122,28 +121,27 @@ TINY = [
 
 
 @pytest.fixture(params=["fused", "chunked"])
-def path(request, monkeypatch):
+def path(request):
     """Both Triton paths: one program per (b, h) over the whole sequence, or chunk-parallel kernels."""
-    monkeypatch.setattr(ssd_triton, "PATH", request.param)
     return request.param
 
 
 @pytest.mark.parametrize("case", TINY, ids=str)
 def test_matches_reference(case, path):
-    check_against_ref(case, make_inputs(case))
+    check_against_ref(case, make_inputs(case), path=path)
 
 
 def test_auto_path_fills_the_gpu_with_fused_programs():
     """Forward alone, "auto" takes the fused path once its b·h programs fill the multiprocessors. When a
     backward follows, once its programs, with P slices and sequence segments, fill 3/4 of them: a long
     sequence split into segments brings a few heads onto it."""
-    sms, dev = ssd_triton._num_sms(torch.device(DEVICE)), torch.device(DEVICE)
+    sms, dev = common._num_sms(torch.device(DEVICE)), torch.device(DEVICE)
     assert ssd_triton._use_fused((sms, 16, 1, 16), dev, False)
     assert not ssd_triton._use_fused((1, 16, sms - 1, 16), dev, False)
-    low, t = sms * 3 // 4, ssd_triton._FUSED_T
+    low, t = sms * 3 // 4, fused._FUSED_T
     assert ssd_triton._use_fused((1, t, low, 16), dev, True)  # P = 16: no slices; one block: no segments
     assert not ssd_triton._use_fused((1, t, low - 1, 16), dev, True)
-    long = t * ssd_triton._MIN_SEGMENT * low  # enough blocks for `low` segments
+    long = t * fused._MIN_SEGMENT * low  # enough blocks for `low` segments
     assert ssd_triton._use_fused((1, long, 1, 16), dev, True)
     assert not ssd_triton._use_fused((1, long, 1, 16), dev, False)
 
@@ -181,7 +179,7 @@ def test_states_no_path_fits_are_refused_with_the_limit(monkeypatch):
 
 def test_auto_path_follows_grad(monkeypatch):
     """Which path the forward takes depends on whether a backward will follow."""
-    sms = ssd_triton._num_sms(torch.device(DEVICE))
+    sms = common._num_sms(torch.device(DEVICE))
     case = Case(1, 20, sms * 3 // 4, 16, 16, 1, 16)  # b·h: 3/4 of the multiprocessors
     taken = []
     real = ssd_triton._use_fused
@@ -197,16 +195,15 @@ def test_fused_p_slices_fill_the_gpu():
     """The sequential fused kernels take a slice of P a program when b·h programs leave multiprocessors
     idle, halving it until they are busy or it reaches the smallest slice."""
     dev = torch.device(DEVICE)
-    sms, full = ssd_triton._num_sms(dev), ssd_triton._pow2(64)
-    assert ssd_triton._fused_block_p(sms, 64, dev) == full
-    assert ssd_triton._fused_block_p(sms // 2, 64, dev) == full // 2
-    assert ssd_triton._fused_block_p(1, 64, dev) == max(ssd_triton._MIN_SLICE, full // ssd_triton.next_pow2(sms))
+    sms, full = common._num_sms(dev), common._pow2(64)
+    assert fused._fused_block_p(sms, 64, dev) == full
+    assert fused._fused_block_p(sms // 2, 64, dev) == full // 2
+    assert fused._fused_block_p(1, 64, dev) == max(fused._MIN_SLICE, full // next_pow2(sms))
 
 
 def force_p_slices(monkeypatch, slices: int):
-    """The fused path, with P = 64 split into `slices` slices whatever b·h is."""
-    monkeypatch.setattr(ssd_triton, "PATH", "fused")
-    monkeypatch.setattr(ssd_triton, "_fused_block_p", lambda bh, headdim, device: 64 // slices)
+    """P = 64 split into `slices` slices on the fused path, whatever b·h is."""
+    monkeypatch.setattr(fused, "_fused_block_p", lambda bh, headdim, device: 64 // slices)
 
 
 @pytest.mark.parametrize("segments,slices", [(2, 1), (3, 1), (3, 2)])
@@ -214,13 +211,13 @@ def test_fused_segments_match_reference(segments, slices, monkeypatch):
     """The fused forward split into segments (each from a zero state, then corrected) computes the same
     function: outputs, final state and every gradient, with and without a backward to follow."""
     force_p_slices(monkeypatch, slices)
-    monkeypatch.setattr(ssd_triton, "_fused_segments", lambda programs, nblocks, device: segments)
+    monkeypatch.setattr(fused, "_fused_segments", lambda programs, nblocks, device: segments)
     case = Case(2, 40, 2, 64, 16, 1, 16, z=True, D="hp", bias=True, softplus=True, h0=True)  # 3 blocks of 16
     inputs = make_inputs(case)
-    check_against_ref(case, inputs)
+    check_against_ref(case, inputs, path="fused")
     kwargs = dict(chunk_size=case.Q, dt_softplus=True, return_final_states=True)
     with torch.no_grad():
-        y, final = ssd_scan_triton(**inputs, **kwargs)
+        y, final = ssd_scan_triton(**inputs, **kwargs, path="fused")
         y_ref, final_ref = ssd_scan_ref(**{k: v.double() for k, v in inputs.items()}, **kwargs)
     assert rel_err(y, y_ref) < TOL[case.dtype] and rel_err(final, final_ref) < TOL[case.dtype]
 
@@ -228,11 +225,11 @@ def test_fused_segments_match_reference(segments, slices, monkeypatch):
 @pytest.mark.parametrize("slices", [1, 2, 4])
 def test_fused_p_slices_match_reference(slices, monkeypatch):
     """Each slice count computes the same function: outputs, final state and every gradient."""
-    if 64 // slices < ssd_triton._MIN_SLICE:
-        pytest.skip(f"P slices of {64 // slices} are below the GPU's smallest ({ssd_triton._MIN_SLICE})")
+    if 64 // slices < fused._MIN_SLICE:
+        pytest.skip(f"P slices of {64 // slices} are below the GPU's smallest ({fused._MIN_SLICE})")
     force_p_slices(monkeypatch, slices)
     case = Case(2, 40, 2, 64, 16, 1, 16, z=True, D="hp", bias=True, softplus=True, h0=True)
-    check_against_ref(case, make_inputs(case))
+    check_against_ref(case, make_inputs(case), path="fused")
 
 
 def test_dispatch_reaches_triton():
@@ -245,7 +242,7 @@ def test_large_dt_is_finite_and_accurate(path):
     chunk. The decay between two tokens is exp(cs_t − cs_s), a difference of cumulative sums of
     order 10³, which keeps only ~1e-4 of absolute precision in fp32: hence the looser bound."""
     case = Case(1, 96, 2, 16, 16, 1, 32, z=True, D="h", bias=True, softplus=True, h0=True)
-    check_against_ref(case, make_inputs(case, dt_scale=-10.0), tol=5e-3)  # softplus(−10·(noise − 2)) ≈ 20
+    check_against_ref(case, make_inputs(case, dt_scale=-10.0), tol=5e-3, path=path)  # softplus(−10·(noise − 2)) ≈ 20
 
 
 def test_strided_inputs_equal_contiguous(path):
@@ -257,8 +254,8 @@ def test_strided_inputs_equal_contiguous(path):
     x, B, C = x.unflatten(-1, (h, p)), B.unflatten(-1, (g, n)), C.unflatten(-1, (g, n))
     A = -torch.rand(h, generator=gen).to(DEVICE) - 0.5
     args = dict(chunk_size=16, dt_bias=torch.zeros(h, device=DEVICE), dt_softplus=True)
-    y = ssd_scan_triton(x, dt, A, B, C, **args)
-    y_contiguous = ssd_scan_triton(*(t.contiguous() for t in (x, dt, A, B, C)), **args)
+    y = ssd_scan_triton(x, dt, A, B, C, **args, path=path)
+    y_contiguous = ssd_scan_triton(*(t.contiguous() for t in (x, dt, A, B, C)), **args, path=path)
     assert torch.equal(y, y_contiguous)
 
 
@@ -267,7 +264,7 @@ def test_step_by_step_equals_scan(path):
     state, and each step agrees with the reference step."""
     case = Case(2, 12, 4, 16, 16, 2, 16, z=True, D="h", bias=True, softplus=True, h0=True)
     t = {k: v.detach() for k, v in make_inputs(case).items()}
-    y, final = ssd_scan_triton(chunk_size=case.Q, dt_softplus=True, return_final_states=True, **t)
+    y, final = ssd_scan_triton(chunk_size=case.Q, dt_softplus=True, return_final_states=True, **t, path=path)
     state = t.pop("initial_states").clone()
     state_ref = state.clone()
     constant = {k: t[k] for k in ("A", "D", "dt_bias")}
@@ -308,7 +305,7 @@ GPU_CASES = [
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=str)
 def test_matches_reference_gpu(case, path):
-    check_against_ref(case, make_inputs(case))
+    check_against_ref(case, make_inputs(case), path=path)
 
 
 @pytest.mark.gpu
@@ -316,29 +313,29 @@ def test_matches_reference_gpu(case, path):
 def test_fused_p_slices_match_reference_gpu(slices, monkeypatch):
     force_p_slices(monkeypatch, slices)
     case = Case(2, 1000, 4, 64, 128, 1, 256, torch.bfloat16, z=True, D="hp", bias=True, softplus=True, h0=True)
-    check_against_ref(case, make_inputs(case))
+    check_against_ref(case, make_inputs(case), path="fused")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("segments,slices", [(2, 2), (4, 1)])
 def test_fused_segments_match_reference_gpu(segments, slices, monkeypatch):
     force_p_slices(monkeypatch, slices)
-    monkeypatch.setattr(ssd_triton, "_fused_segments", lambda programs, nblocks, device: segments)
+    monkeypatch.setattr(fused, "_fused_segments", lambda programs, nblocks, device: segments)
     case = Case(2, 1000, 4, 64, 128, 1, 256, torch.bfloat16, z=True, D="hp", bias=True, softplus=True, h0=True)
-    check_against_ref(case, make_inputs(case))
+    check_against_ref(case, make_inputs(case), path="fused")
 
 
 @pytest.mark.gpu
 def test_long_sequence_large_dt_gpu(path):
     case = Case(1, 8192, 2, 64, 128, 1, 256, torch.bfloat16, D="h", bias=True, softplus=True, h0=True)
-    check_against_ref(case, make_inputs(case, dt_scale=-5.0), tol=5e-2)  # softplus(−5·(noise − 2)) ≈ 10
+    check_against_ref(case, make_inputs(case, dt_scale=-5.0), tol=5e-2, path=path)  # softplus(−5·(noise − 2)) ≈ 10
 
 
 @pytest.mark.gpu
 def test_step_by_step_equals_scan_gpu(path):
     case = Case(2, 64, 8, 64, 128, 2, 32, z=True, D="hp", bias=True, softplus=True, h0=True)
     t = {k: v.detach() for k, v in make_inputs(case).items()}
-    y, final = ssd_scan_triton(chunk_size=case.Q, dt_softplus=True, return_final_states=True, **t)
+    y, final = ssd_scan_triton(chunk_size=case.Q, dt_softplus=True, return_final_states=True, **t, path=path)
     state = t.pop("initial_states").clone()
     constant = {k: t[k] for k in ("A", "D", "dt_bias")}
     ys = [ssd_step_triton(state, **{k: t[k][:, i] for k in PER_TOKEN}, **constant, dt_softplus=True)
@@ -352,5 +349,5 @@ def test_forward_backward_capture_in_cuda_graph(path):
     """No host syncs: forward and backward replay from a CUDA graph with fresh inputs."""
     case = Case(2, 300, 4, 64, 64, 1, 128, torch.bfloat16, z=True, D="h", bias=True, softplus=True, h0=True)
     static = make_inputs(case)
-    assert_graph_replays_eager(lambda **t: ssd_scan_triton(**t, chunk_size=case.Q, dt_softplus=True), static,
+    assert_graph_replays_eager(lambda **t: ssd_scan_triton(**t, chunk_size=case.Q, dt_softplus=True, path=path), static,
                                make_inputs(case, seed=7), list(static))

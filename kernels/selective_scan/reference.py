@@ -21,21 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _compute_dtype(u: Tensor) -> torch.dtype:
-    return torch.float64 if u.dtype == torch.float64 else torch.float32
-
-
-def _check(dim: int, ngroups: int) -> None:
-    if dim % ngroups:
-        raise ValueError(f"ngroups={ngroups}: must divide dim={dim}")
-
-
-def _delta(delta: Tensor, bias: Tensor | None, softplus: bool) -> Tensor:
-    """Δ from the raw delta: delta + bias (already shaped to broadcast), through softplus when asked."""
-    if bias is not None:
-        delta = delta + bias.to(delta.dtype)
-    return F.softplus(delta) if softplus else delta
+from kernels.reference_common import check_groups, compute_dtype, step_size
 
 
 def _skip_and_gate(y: Tensor, u: Tensor, D: Tensor | None, z: Tensor | None, D_shape: tuple) -> Tensor:
@@ -122,10 +108,10 @@ def selective_scan_ref(
     batch, d, l = u.shape
     B, C = _groups(B), _groups(C)
     g, n = B.shape[1:3]
-    _check(d, g)
+    check_groups(d, g, "dim")
     r = d // g
-    dtype = _compute_dtype(u)
-    delta = _delta(delta.to(dtype), None if delta_bias is None else delta_bias[:, None], delta_softplus)
+    dtype = compute_dtype(u)
+    delta = step_size(delta.to(dtype), None if delta_bias is None else delta_bias[:, None], delta_softplus)
     # Time-major (b, g, l, r, n): each token's state is one contiguous block, which keeps a step's
     # slices dense and lets C read h out with a plain batched matmul.
     delta_t = delta.view(batch, g, r, l).transpose(-1, -2).contiguous()  # (b, g, l, r)
@@ -165,9 +151,9 @@ def selective_scan_naive(
     batch, d, _ = u.shape
     B, C = _groups(B), _groups(C)
     g, n = B.shape[1:3]
-    _check(d, g)
-    dtype = _compute_dtype(u)
-    delta = _delta(delta.to(dtype), None if delta_bias is None else delta_bias[:, None], delta_softplus)
+    check_groups(d, g, "dim")
+    dtype = compute_dtype(u)
+    delta = step_size(delta.to(dtype), None if delta_bias is None else delta_bias[:, None], delta_softplus)
     A, B, C = A.to(dtype), B.to(dtype), C.to(dtype)
     state = u.new_zeros(batch, d, n, dtype=dtype)
     ys = []
@@ -199,9 +185,9 @@ def selective_state_update_ref(
     """
     B = B[:, None] if B.dim() == 2 else B  # (b, g, n)
     C = C[:, None] if C.dim() == 2 else C
-    _check(x.shape[1], B.shape[1])
+    check_groups(x.shape[1], B.shape[1], "dim")
     dtype = state.dtype
-    delta = _delta(dt.to(dtype), dt_bias, dt_softplus)
+    delta = step_size(dt.to(dtype), dt_bias, dt_softplus)
     new_state, y = _recurrence_step(state, x.to(dtype), delta, A.to(dtype), B.to(dtype), C.to(dtype))
     state.copy_(new_state)
     return _skip_and_gate(y, x, D, z, (-1,)).to(x.dtype)

@@ -43,6 +43,7 @@ import triton
 import triton.language as tl
 
 from kernels import cdiv, next_pow2
+from kernels.jit import softplus, softplus_grad
 from kernels.launch import INTERPRET, fast_launch
 
 LOG2E = tl.constexpr(math.log2(math.e))  # exp(v) = exp2(v·log2 e): ex2 is the native instruction
@@ -55,16 +56,6 @@ def _combine(a_l, x_l, a_r, x_r):
 
 
 @triton.jit
-def _softplus(v):
-    # log1p(exp(v)) with Kahan's log1p trick (tl has no log1p): Δ is often ~1e-3, where
-    # log(1 + e) loses most of its digits; mamba_ssm switches to the identity above 20.
-    e = tl.exp(v)
-    w = 1.0 + e
-    log1p_e = tl.where(w == 1.0, e, tl.log(w) * e / (w - 1.0))
-    return tl.where(v <= 20.0, log1p_e, v)
-
-
-@triton.jit
 def _load_delta(ptrs, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
     """Δ at `ptrs` (a tile, or one step a channel; bias broadcast to match), 0 where masked off so
     that steps past the sequence leave h unchanged; also delta + delta_bias, where the backward
@@ -72,8 +63,22 @@ def _load_delta(ptrs, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr
     pre = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         pre += bias
-    dt = _softplus(pre) if SOFTPLUS else pre
+    dt = softplus(pre) if SOFTPLUS else pre
     return tl.where(mask, dt, 0.0), pre
+
+
+@triton.jit
+def _channel_params(bias_ptr, D_ptr, offs_d, HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """delta_bias and D of the program's channels, (BLOCK_D,) fp32 each; 0 where there is none."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d).to(tl.float32)
+    else:
+        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_D:
+        D = tl.load(D_ptr + offs_d).to(tl.float32)
+    else:
+        D = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    return bias, D
 
 
 @triton.jit
@@ -212,12 +217,7 @@ def _selective_scan_fwd_kernel(
     states_tile = states_row[:, None] + span[None, :] * dstate
     ends_span = (grp % GROUPS == GROUPS - 1)[None, :]
     is_first = (offs_c == 0)[None, :]
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + offs_d).to(tl.float32)
+    bias, D = _channel_params(bias_ptr, D_ptr, offs_d, HAS_BIAS, HAS_D, BLOCK_D)
 
     for c in range(nchunks):
         offs_l = c * BLOCK_L + offs_c
@@ -311,7 +311,7 @@ def _selective_scan_bwd_kernel(
     # VEC consecutive steps a thread: when BLOCK_L = 32·VEC·warps the lanes span the chunk and
     # the BLOCK_D channels sit in each thread's registers, so dB_n, dC_n reduce over channels
     # without shuffles; with VEC = 4, the width of an fp32 vector atomic, no tile changes layout
-    # for the atomics, and the scans' split of each thread's steps moves no data (NOTES.md).
+    # for the atomics, and the scans' split of each thread's steps moves no data.
     offs_c = tl.max_contiguous(tl.arange(0, BLOCK_L), VEC)
     row0 = offs_d[:, None] * 0
     # (BLOCK_D, BLOCK_L // 4): column j of the scans' split tiles (_by_thread), in their layout
@@ -342,12 +342,7 @@ def _selective_scan_bwd_kernel(
     # may still read; the barrier at the end of each chunk orders the rest.
     gcarry_row = gcarry_ptr + (pid_b * dim + offs_d) * 2 * dstate  # (BLOCK_D,)
     gcarry_tile = gcarry_row[:, None] + lane * 0  # lane 0 stores its first step's adjoint
-    if HAS_BIAS:
-        bias = tl.load(bias_ptr + offs_d).to(tl.float32)
-    else:
-        bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    if HAS_D:
-        D = tl.load(D_ptr + offs_d).to(tl.float32)
+    bias, D = _channel_params(bias_ptr, D_ptr, offs_d, HAS_BIAS, HAS_D, BLOCK_D)
 
     if LANE_STATE:
         # dstate <= BLOCK_L // 4: lane k of a (BLOCK_D, BLOCK_L // 4) tile holds state index k's
@@ -366,7 +361,7 @@ def _selective_scan_bwd_kernel(
         has_prev = tl.full((BLOCK_D,), c, dtype=tl.int32) > 0  # chunk 0 starts from h = 0
         has_next = tl.full((BLOCK_D,), i, dtype=tl.int32) > 0  # the last chunk ends with g = 0
         # u and z are loaded again after the loop over n rather than kept alive through it:
-        # registers bound how many warps an SM holds (NOTES.md).
+        # registers bound how many warps an SM holds.
         u = tl.load(u_row + offs_l[None, :], mask=mask, other=0.0).to(tl.float32)
         dt, _ = _load_delta(delta_row + offs_l[None, :], bias[:, None], mask, HAS_BIAS, SOFTPLUS)
         # Δ at the step after the chunk: the adjoint's a_{t+1} for the chunk's last step
@@ -450,7 +445,7 @@ def _selective_scan_bwd_kernel(
         if SOFTPLUS:
             # delta + delta_bias is reloaded rather than kept alive through the loop over n.
             _, dt_pre = _load_delta(delta_row + offs_l[None, :], bias[:, None], mask, HAS_BIAS, False)
-            ddt = tl.where(dt_pre <= 20.0, ddt * tl.sigmoid(dt_pre), ddt)
+            ddt = softplus_grad(ddt, dt_pre)
         if HAS_BIAS:
             dbias_acc += tl.sum(ddt, axis=1)
         tl.store(du_ptr + out_row + offs_l[None, :], du, mask=mask)
@@ -495,7 +490,7 @@ def _selective_state_update_kernel(
     if HAS_BIAS:
         dt += tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     if SOFTPLUS:
-        dt = _softplus(dt)
+        dt = softplus(dt)
     A = tl.load(A_ptr + offs_d[:, None] * s_A_d + offs_n[None, :] * s_A_n, mask=mask, other=0.0)
     Bt = tl.load(B_ptr + pid_b * s_B_b + group * s_B_g + offs_n[None, :] * s_B_n, mask=mask, other=0.0)
     Ct = tl.load(C_ptr + pid_b * s_C_b + group * s_C_g + offs_n[None, :] * s_C_n, mask=mask, other=0.0)
@@ -520,25 +515,23 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 def _chunk_size(seqlen: int) -> int:
     # Chunks of 128 steps, one warp each: the scans never cross warps, and many small independent
-    # programs hide latency better than a few wide ones (NOTES.md).
+    # programs hide latency better than a few wide ones (bench/notes/selective_scan.md).
     return min(max(next_pow2(seqlen), 16), 128)
 
 
 def _forward_chunk(seqlen: int, block_l: int) -> int:
     # The forward walks 2 of the backward's chunks at a time (storing the state after each for it),
     # two channels a thread: fewer, longer steps of its sequential loop, and B, C loaded once for
-    # both channels. At (64, 256, 1024, 16) on an H200, (2 channels, 256 steps) took 0.244 ms
-    # against 0.267 for (1, 512) and 0.271 for (1, 256) (NOTES.md, v8).
+    # both channels; faster than one channel over 256 or 512 steps (BENCHMARKS.md, selective scan "v8").
     return max(block_l, min(next_pow2(seqlen), 2 * block_l))
 
 
 # Tiles: each thread holds `per_thread` elements of every (BLOCK_D, BLOCK_L) fp32 tile; BLOCK_D
 # follows from BLOCK_L. `maxnreg` caps the registers a thread (None: the compiler's choice).
-# Chosen by `bench.py --sweep` on an H200 (NOTES.md, v8). The backward: one channel a program (4
-# steps a thread, at most 96 registers: 0.719 ms against 0.732 for the compiler's choice at (64,
-# 256, 1024, 16)) beat one channel a warp in 2-8 warp programs, and beat two channels a thread
-# (which halve the dB/dC atomics but hold more registers: 0.739 there) except where few rows of dB,
-# dC take the atomics of many channels: at (8, 2048, 2048, 16), 1.511 against 1.548 ms.
+# Chosen by `python -m bench.selective_scan --sweep` on an H200 (timings: BENCHMARKS.md, selective scan
+# "v8"). The backward: one channel a program (4 steps a thread, at most 96 registers) beat one channel a
+# warp in 2-8 warp programs, and beat two channels a thread (which halve the dB/dC atomics but hold more
+# registers) except where few rows of dB, dC take the atomics of many channels.
 _FWD_TILE = {"per_thread": 16, "num_warps": 1, "maxnreg": None}
 _BWD_TILE = {"per_thread": 4, "num_warps": 1, "maxnreg": 96}
 _BWD_TILE_FEW_ROWS = {"per_thread": 8, "num_warps": 1, "maxnreg": 128}

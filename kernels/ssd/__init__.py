@@ -1,6 +1,7 @@
 """SSD, Mamba-2's scan, with a backend switch (see `kernels`): "torch" is `reference.py`, "triton"
-is `triton.py`, "auto" picks Triton for CUDA tensors
-(the reference, with a warning, where the state is too large for the Triton kernels' shared memory).
+is `triton.py` (which runs `chunk.py` or `fused.py`, as `path` says, and `step.py`), "auto" picks Triton
+for CUDA tensors (the reference, with a warning, where the state is too large for the Triton kernels'
+shared memory).
 
 Shapes (mamba_ssm `mamba_chunk_scan_combined` layout):
     x, z:                   (batch, seqlen, nheads, headdim)
@@ -37,13 +38,15 @@ def ssd_scan(
     initial_states: Tensor | None = None,
     return_final_states: bool = False,
     backend: str = "auto",
+    path: str = "auto",
 ) -> Tensor | tuple[Tensor, Tensor]:
     """y = (SSD(x) + D·x)·silu(z) over a whole sequence of any length, from `initial_states` (or 0).
 
     Δ = softplus(dt + dt_bias) if dt_softplus else dt + dt_bias;
     h_t = exp(Δ_t·A)·h_{t−1} + Δ_t·x_t B_tᵀ,  y_t = h_t C_t + D·x_t.
     Returns y (batch, seqlen, nheads, headdim) in x.dtype, or (y, final_states fp32) when
-    return_final_states.
+    return_final_states. `path` picks the Triton algorithm ("fused", "chunked", or "auto" by the shape;
+    see `kernels.ssd.triton`); the reference ignores it.
     """
     impl = load_backend(_TRITON, backend, x)
     if impl is not None and backend == "auto":
@@ -51,11 +54,11 @@ def ssd_scan(
         if reason:  # shown once per distinct message (Python's default warning filter)
             warnings.warn(f"{reason}; backend='auto' uses the PyTorch reference")
             impl = None
-    scan = ssd_scan_ref if impl is None else impl.ssd_scan_triton
-    return scan(
-        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus,
-        initial_states=initial_states, return_final_states=return_final_states,
-    )
+    kwargs = dict(D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus, initial_states=initial_states,
+                  return_final_states=return_final_states)
+    if impl is None:
+        return ssd_scan_ref(x, dt, A, B, C, chunk_size, **kwargs)
+    return impl.ssd_scan_triton(x, dt, A, B, C, chunk_size, **kwargs, path=path)
 
 
 def ssd_step(

@@ -21,21 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _check(nheads: int, ngroups: int) -> None:
-    if nheads % ngroups:
-        raise ValueError(f"ngroups={ngroups}: must divide nheads={nheads}")
-
-
-def _delta(dt: Tensor, dt_bias: Tensor | None, dt_softplus: bool) -> Tensor:
-    """Δ from the raw dt (..., h): dt + dt_bias, through softplus when asked."""
-    if dt_bias is not None:
-        dt = dt + dt_bias.to(dt.dtype)
-    return F.softplus(dt) if dt_softplus else dt
+from kernels.reference_common import check_groups, compute_dtype, step_size
 
 
 def _skip_and_gate(y: Tensor, x: Tensor, D: Tensor | None, z: Tensor | None) -> Tensor:
@@ -90,15 +76,15 @@ def ssd_scan_ref(
         raise ValueError(f"chunk_size={chunk_size!r}: must be a positive integer")
     b, l, h, p = x.shape
     g, n = B.shape[-2:]
-    _check(h, g)
+    check_groups(h, g, "nheads")
     r = h // g
-    dtype = _compute_dtype(x)
+    dtype = compute_dtype(x)
     # The result does not depend on Q, so a sequence shorter than one chunk is not padded up to it.
     Q = min(chunk_size, l)
     c = -(-l // Q)
     pad = c * Q - l
 
-    delta = _delta(dt.to(dtype), dt_bias, dt_softplus)
+    delta = step_size(dt.to(dtype), dt_bias, dt_softplus)
     xd = _pad_time(x.to(dtype) * delta[..., None], pad).view(b, c, Q, g, r, p)  # Δ_t·x_t
     delta = _pad_time(delta, pad).view(b, c, Q, g, r)
     B = _pad_time(B.to(dtype), pad).view(b, c, Q, g, n)
@@ -164,9 +150,9 @@ def ssd_scan_naive(
     """The recurrence token by token: the test oracle (give it fp64 inputs). Shapes as ssd_scan_ref."""
     b, _, h, p = x.shape
     g, n = B.shape[-2:]
-    _check(h, g)
-    dtype = _compute_dtype(x)
-    delta = _delta(dt.to(dtype), dt_bias, dt_softplus)
+    check_groups(h, g, "nheads")
+    dtype = compute_dtype(x)
+    delta = step_size(dt.to(dtype), dt_bias, dt_softplus)
     A, B, C = A.to(dtype), B.to(dtype), C.to(dtype)
     state = x.new_zeros(b, h, p, n, dtype=dtype) if initial_states is None else initial_states.to(dtype)
     ys = []
@@ -196,9 +182,9 @@ def ssd_step_ref(
     state: (b, h, p, n) fp32, x, z: (b, h, p), dt: (b, h), A, dt_bias: (h,), B, C: (b, g, n),
     D: (h,) or (h, p). Returns y: (b, h, p) in x.dtype. Not differentiable (decoding only).
     """
-    _check(x.shape[1], B.shape[1])
+    check_groups(x.shape[1], B.shape[1], "nheads")
     dtype = state.dtype
-    delta = _delta(dt.to(dtype), dt_bias, dt_softplus)
+    delta = step_size(dt.to(dtype), dt_bias, dt_softplus)
     new_state, y = _recurrence_step(state, x.to(dtype), delta, A.to(dtype), B.to(dtype), C.to(dtype))
     state.copy_(new_state)
     return _skip_and_gate(y, x, D, z).to(x.dtype)

@@ -1,8 +1,8 @@
 """Benchmark of the gated RMSNorm: Triton vs the PyTorch reference vs the IO floor, forward and
 forward+backward, on one GPU.
 
-    python -m kernels.gated_norm.bench                         # the table for BENCHMARKS.md
-    python -m kernels.gated_norm.bench --json gated_norm.json  # also every number to a file
+    python -m bench.gated_norm                     # the table for BENCHMARKS.md
+    python -m bench.gated_norm --json gated_norm.json      # also every number to a file
 
 bf16 y (batch, seqlen, d), the SSD's output, and z, fp32 weight, one group (Mamba-2's ngroups = 1), as
 the Mamba-2 block calls it. Two layouts of z: `packed`, the first d channels of a wider in_proj output
@@ -17,7 +17,7 @@ CUDA GPU.
 
 import torch
 
-from kernels import bench
+from bench import common
 from kernels.gated_norm.reference import gated_rms_norm_ref
 from kernels.gated_norm.triton import gated_rms_norm_triton
 
@@ -39,7 +39,7 @@ def make_inputs(b, l, d, layout, seed=0):
 
 if __name__ == "__main__":
     # Group size d (one group) and eps as the Mamba-2 block; y first: it is the size of the output.
-    bench.main(__doc__, SHAPES, LAYOUTS, make_inputs,
+    common.main(__doc__, SHAPES, LAYOUTS, make_inputs,
                lambda y, z, w: gated_rms_norm_triton(y, z, w, y.shape[-1], EPS),
                lambda y, z, w: gated_rms_norm_ref(y, z, w, y.shape[-1], EPS), floor_reads=(3, 8),
                header="(b, l, d) | z", note="bf16, one group")

@@ -9,8 +9,8 @@ plus the IO floor (bytes every input is read and every output written once, over
 device-to-device copy bandwidth) and the time of one training step of a 2-layer Mamba-2 LM with
 the Triton path against the reference.
 
-    python -m kernels.ssd.bench [--shapes workbench,paper,batch] [--paths fused,chunked] [--json out.json] [--no-lm]
-    python -m kernels.ssd.bench --host     # CPU only: host time per call with the launches stubbed
+    python -m bench.ssd [--shapes workbench,paper,batch] [--paths fused,chunked] [--json out.json] [--no-lm]
+    python -m bench.ssd --host     # CPU only: host time per call with the launches stubbed
 
 mamba_ssm is optional (its column reads n/a without it). A wheel built with MAMBA_SKIP_CUDA_BUILD
 has only the Triton kernels, but its package `__init__` imports the CUDA extension it lacks, so the
@@ -31,9 +31,9 @@ import torch.nn.functional as F
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import kernels.ssd.triton as ours
+from kernels.ssd import chunk, fused, step
 from kernels.ssd.reference import ssd_scan_ref
-from kernels.ssd.triton import ssd_scan_triton
+from kernels.ssd.triton import _use_fused, ssd_scan_triton
 
 SHAPES = {  # (b, l, h, p, n)
     "workbench": [(64, 1024, 4, 64, 64), (256, 256, 8, 32, 64)],
@@ -122,18 +122,6 @@ def flops(b, l, h, p, n):
     return b * nchunks * (Q * Q * n + h * (Q * Q * p + 4 * Q * p * n))
 
 
-def with_path(path, fn):
-    """`fn` with `ssd_scan_triton` forced onto one path ("fused" or "chunked")."""
-    def run():
-        saved, ours.PATH = ours.PATH, path
-        try:
-            return fn()
-        finally:
-            ours.PATH = saved
-
-    return run
-
-
 def time_shape(b, l, h, p, n, mamba, paths=PATHS):
     t = make_inputs(b, l, h, p, n)
     leaves = list(t.values())
@@ -147,13 +135,13 @@ def time_shape(b, l, h, p, n, mamba, paths=PATHS):
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             return F.scaled_dot_product_attention(q, k, v, is_causal=True)
 
-    impls = {path: with_path(path, lambda: ssd_scan_triton(*scan_in, **args)) for path in paths}
+    impls = {path: functools.partial(ssd_scan_triton, *scan_in, **args, path=path) for path in paths}
     impls["ref"] = lambda: ssd_scan_ref(*scan_in, **args)
     impls["sdpa"] = sdpa
     if mamba is not None:  # last: a failed graph capture of it must not disturb the others
         impls["mamba"] = lambda: mamba(*scan_in, **args)
 
-    auto = {key: ours._use_fused((b, l, h, p), torch.device("cuda"), key == "fwdbwd") for key in ("fwd", "fwdbwd")}
+    auto = {key: _use_fused((b, l, h, p), torch.device("cuda"), key == "fwdbwd") for key in ("fwd", "fwdbwd")}
     row = {f"auto_{key}": "fused" if fused else "chunked" for key, fused in auto.items()}
     with torch.no_grad():
         ref = impls["ref"]().float()
@@ -168,7 +156,7 @@ def time_shape(b, l, h, p, n, mamba, paths=PATHS):
         passes[name, "fwd"] = torch.no_grad()(fn)
         passes[name, "fwdbwd"] = functools.partial(_fwdbwd, fn, inputs, grad_out)
     # Eager times are the host's where it is slower than the GPU, and the host's speed drifts over seconds
-    # (NOTES.md, v6): the peers take turns over EAGER_ROUNDS rounds, and each keeps its median round.
+    # (BENCHMARKS.md, the SSD's version notes, v6): the peers take turns over EAGER_ROUNDS rounds, and each keeps its median round.
     eager = {key: [] for key in passes}  # a peer that fails (out of memory, say) leaves, the others stay
     for _ in range(EAGER_ROUNDS):
         for key in list(eager):
@@ -206,10 +194,10 @@ def scan_fwdbwd(t: dict, dy, path: str):
     `make_inputs`) and output gradient dy."""
     def fwdbwd():
         y = ssd_scan_triton(t["x"], t["dt"], t["A"], t["B"], t["C"], CHUNK, D=t["D"], dt_bias=t["dt_bias"],
-                            dt_softplus=True)
+                            dt_softplus=True, path=path)
         torch.autograd.grad(y, list(t.values()), dy)
 
-    return with_path(path, fwdbwd)
+    return fwdbwd
 
 
 def profile(b, l, h, p, n, path):
@@ -236,10 +224,8 @@ def profile(b, l, h, p, n, path):
 
 def report_kernels():
     """Registers and spills of every compiled variant of our kernels (the compiler's resource report)."""
-    for name in dir(ours):
-        if not name.startswith("_") or not name.endswith("_kernel"):
-            continue
-        caches = getattr(ours, name).jit.device_caches  # through `fast_launch` to the JIT function
+    for module, name in _kernels():
+        caches = getattr(module, name).jit.device_caches  # through `fast_launch` to the JIT function
         for cache in caches.values():
             for kernel in (cache[0] if isinstance(cache, tuple) else cache).values():
                 try:
@@ -249,6 +235,11 @@ def report_kernels():
                           f"spills {kernel.n_spills} shared {meta.shared}", flush=True)
                 except Exception as e:
                     print(f"{name}: {type(e).__name__}: {e}")
+
+
+def _kernels():
+    """(module, name) of every Triton kernel of the SSD."""
+    return [(m, name) for m in (chunk, fused, step) for name in dir(m) if name.startswith("_") and name.endswith("_kernel")]
 
 
 def lm_step_ms(backend: str) -> float:
@@ -283,15 +274,15 @@ def host_us(path: str, repeats: int = 7, calls: int = 200) -> float:
         def __getitem__(self, grid):
             return lambda *args, **kwargs: None
 
-    kernels = {name: getattr(ours, name) for name in dir(ours) if name.endswith("_kernel")}
+    kernels = {(module, name): getattr(module, name) for module, name in _kernels()}
     b, l, h, p, n = 2, 64, 4, 16, 16  # tiny: the stubbed launches make the host cost shape-independent
     t = {k: v.requires_grad_() for k, v in dict(
         x=torch.randn(b, l, h, p), dt=torch.randn(b, l, h), A=-torch.rand(h), B=torch.randn(b, l, 1, n),
         C=torch.randn(b, l, 1, n), D=torch.randn(h), dt_bias=torch.randn(h)).items()}
     fwdbwd = scan_fwdbwd(t, torch.randn(b, l, h, p), path)
     try:
-        for name in kernels:
-            setattr(ours, name, NoLaunch())
+        for module, name in kernels:
+            setattr(module, name, NoLaunch())
         for _ in range(calls // 4):
             fwdbwd()
         times = []
@@ -301,8 +292,8 @@ def host_us(path: str, repeats: int = 7, calls: int = 200) -> float:
                 fwdbwd()
             times.append((time.perf_counter() - start) / calls * 1e6)
     finally:
-        for name, kernel in kernels.items():
-            setattr(ours, name, kernel)
+        for (module, name), kernel in kernels.items():
+            setattr(module, name, kernel)
     return sorted(times)[repeats // 2]
 
 

@@ -1,20 +1,21 @@
 """SASS instruction counts of the selective-scan kernels, compiled for sm_90 without a GPU.
 
-    python -m kernels.selective_scan.sass              # every tile bench.py --sweep times
+    python -m bench.selective_scan_sass         # every tile bench/selective_scan.py --sweep times
 
 For each tile: registers, stack, and, in the loop over the state index n, the instructions per
 thread and per state update, shuffles, exps, vector atomics, barriers and shared-memory traffic.
-The specialisation matches bench.py's shape 1 (b, d, l, n) = (64, 256, 1024, 16): bf16 u, Δ, B,
+The specialisation matches bench/selective_scan.py's shape 1 (b, d, l, n) = (64, 256, 1024, 16): bf16 u, Δ, B,
 C, z, dy; fp32 A, D, Δ bias; 16-divisible sizes and strides, the strides equal to 1 as constants.
-Needs only triton (it ships ptxas and cuobjdump). What the counts predict: NOTES.md.
+Needs only triton (it ships ptxas and cuobjdump). What the counts predicted, and the times: BENCHMARKS.md
+(the selective scan's measurement notes).
 """
 
 import collections
 import re
 
 from kernels import cdiv
-from kernels.sass import compile_sm90, cuobjdump, resources
-from kernels.selective_scan import bench
+from bench import selective_scan as bench
+from bench.sass import compile_sm90, cuobjdump, resources
 from kernels.selective_scan import triton as ss
 
 BF16_PTRS = {"u_ptr", "delta_ptr", "B_ptr", "C_ptr", "z_ptr", "dy_ptr", "y_ptr", "du_ptr", "ddelta_ptr", "dz_ptr"}

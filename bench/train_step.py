@@ -1,7 +1,7 @@
 """Benchmark: a small LM's whole training step, through run.py and as plain loops over the same model.
 
-    PYTHONPATH=. python -m models.bench                 # every cell; GPU only
-    PYTHONPATH=. python -m models.bench --cells mamba2_d64 --steps 400
+    PYTHONPATH=. python -m bench.train_step             # every cell; GPU only
+    PYTHONPATH=. python -m bench.train_step --cells mamba2_d64 --steps 400
 
 Per cell (MQAR at Zoology's Fig. 2 size: batch 128 x 256 tokens, V=8192, bf16), ms per training step:
     run.py        `python run.py experiment=zoology_fig2 ...` as a user runs it: the median of its

@@ -1,8 +1,8 @@
 """Registers and spills of the fused SSD kernels, compiled for sm_90 without a GPU.
 
-    python -m kernels.ssd.sass
+    python -m bench.ssd_sass
 
-Each fused kernel at 4 and 8 warps (the autotuner's two configs), specialised as bench.py's
+Each fused kernel at 4 and 8 warps (the autotuner's two configs), specialised as bench/ssd.py's
 calls at (b, l, h, p) = (64, 1024, 4, 64) make it (bf16 x, dt, B, C; fp32 A, D per head, dt_bias;
 softplus; no z; one group), for N = 64 (workbench) and N = 128 (paper); the two sequential kernels also
 with a P slice of 32 (`_fused_block_p`, b·h below the SMs), and the segmented forward (its correction
@@ -10,8 +10,8 @@ kernel, and the block backward reading it). STACK > 0 means spills. HGMMA counts
 Hopper warpgroup matrix instructions (0: the products fell back to the older mma).
 """
 
-from kernels.sass import compile_sm90, cuobjdump, resources
-from kernels.ssd import triton as ssd
+from bench.sass import compile_sm90, cuobjdump, resources
+from kernels.ssd import fused
 
 BF16_PTRS = {"x_ptr", "dt_ptr", "B_ptr", "C_ptr", "z_ptr", "dout_ptr", "out_ptr", "ypre_ptr", "states_ptr",
              "dstates_ptr", "dx_ptr", "dz_ptr", "ddt_ptr", "dB_ptr", "dC_ptr"}
@@ -38,7 +38,7 @@ def main():
         ]
         for name, consts in kernels:
             for warps in (4, 8):
-                compiled = compile_sm90(getattr(ssd, name), consts, ints, BF16_PTRS, warps)
+                compiled = compile_sm90(getattr(fused, name), consts, ints, BF16_PTRS, warps)
                 res = resources(compiled)
                 hgmma = cuobjdump(compiled, "-sass").count("HGMMA.")
                 seg = " segmented" if consts.get("SEGMENTED") else ""

@@ -1,8 +1,8 @@
 """Benchmark of the Mamba-1 selective scan: Triton vs the PyTorch reference vs the IO floor.
 
-    python -m kernels.selective_scan.bench                 # the table for BENCHMARKS.md
-    python -m kernels.selective_scan.bench --sweep         # also time tile alternatives per kernel
-    python -m kernels.selective_scan.bench --lm            # also a Mamba-1 LM training step
+    python -m bench.selective_scan         # the table for BENCHMARKS.md
+    python -m bench.selective_scan --sweep         # also time tile alternatives per kernel
+    python -m bench.selective_scan --lm         # also a Mamba-1 LM training step
 
 bf16 u, Δ, B, C, z (B, C shared: (b, n, l)), fp32 A, D, Δ bias, softplus on, as the Mamba block
 calls it. IO floor = bytes of u, Δ, B, C, z read and y written, over the measured bandwidth of a
@@ -29,7 +29,7 @@ SHAPES = [(64, 256, 1024, 16), (8, 2048, 2048, 16)]  # (b, d, l, n)
 # ss._chunk_size, ss._tile). (BLOCK_D, BLOCK_L, num_warps, maxnreg); maxnreg None: the compiler's
 # choice. The backward's BLOCK_D channels sit in each thread when
 # BLOCK_L = 32·warps·(steps a thread), as in (2, 128, 1). The forward stores the state after every
-# backward chunk, as for training. See NOTES.md.
+# backward chunk, as for training. See bench/notes/selective_scan.md.
 FWD_TILES = [(2, 256, 1, None), (1, 512, 1, None), (1, 256, 1, None), (2, 512, 1, None)]
 BWD_TILES = [(1, 128, 1, 96), (1, 128, 1, None), (2, 128, 1, 128), (2, 128, 1, 160)]
 

@@ -1,8 +1,8 @@
 """Benchmark of the causal conv1d + SiLU: Triton vs the PyTorch reference vs the IO floor, forward and
 forward+backward, on one GPU.
 
-    python -m kernels.conv1d.bench                        # the table for BENCHMARKS.md
-    python -m kernels.conv1d.bench --json conv1d.json     # also every number to a file
+    python -m bench.conv1d                     # the table for BENCHMARKS.md
+    python -m bench.conv1d --json conv1d.json        # also every number to a file
 
 bf16 x (batch, seqlen, channels), fp32 weight (channels, 4) and bias, SiLU, as the Mamba blocks call
 it. Two layouts of x: `packed`, a slice of a wider in_proj output (row stride 2·channels + 8, as
@@ -19,7 +19,7 @@ import functools
 
 import torch
 
-from kernels import bench
+from bench import common
 from kernels.conv1d.reference import causal_conv1d_ref
 from kernels.conv1d.triton import causal_conv1d_triton
 
@@ -40,6 +40,6 @@ def make_inputs(b, l, c, layout, seed=0):
 
 
 if __name__ == "__main__":
-    bench.main(__doc__, SHAPES, LAYOUTS, make_inputs, functools.partial(causal_conv1d_triton, activation="silu"),
+    common.main(__doc__, SHAPES, LAYOUTS, make_inputs, functools.partial(causal_conv1d_triton, activation="silu"),
                functools.partial(causal_conv1d_ref, activation="silu"), floor_reads=(2, 5),
                header="(b, l, c) | x", note=f"bf16, width {WIDTH}, SiLU")

@@ -1,5 +1,5 @@
 """What the kernel benchmarks of elementwise-like ops share: timing, the copy-bandwidth floor and the
-table (`kernels/conv1d/bench.py`, `kernels/gated_norm/bench.py`). Needs a CUDA GPU."""
+table (`bench/conv1d.py`, `bench/gated_norm.py`). Needs a CUDA GPU."""
 
 import argparse
 import datetime

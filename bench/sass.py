@@ -1,6 +1,6 @@
 """Compile a Triton kernel for sm_90 without a GPU and read what the compiler made of it: registers,
-spills (stack) and the SASS. Used by each op's `sass.py`; it needs only triton (which ships ptxas and
-cuobjdump). Counts from a local Triton can differ a little from the GPU machine's Triton."""
+spills (stack) and the SASS. Used by `ssd_sass.py` and `selective_scan_sass.py`; it needs only triton (which
+ships ptxas and cuobjdump). Counts from a local Triton can differ a little from the GPU machine's Triton."""
 
 import os
 import re

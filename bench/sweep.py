@@ -1,7 +1,7 @@
 """Benchmark: a sweep's throughput, as a user runs it (`python sweep.py sweep=<preset>`), for a fixed time.
 
-    PYTHONPATH=. python -m sweeps.bench --preset mamba2_fig8 --seconds 250 --workers 1 4   # GPU
-    PYTHONPATH=. python -m sweeps.bench --preset smoke --seconds 60                         # CPU
+    PYTHONPATH=. python -m bench.sweep --preset mamba2_fig8 --seconds 250 --workers 1 4   # GPU
+    PYTHONPATH=. python -m bench.sweep --preset smoke --seconds 60                     # CPU
 
 For each worker count W: a fresh study in a temporary sweep dir, `python sweep.py sweep=<preset>
 sweep.workers_per_gpu=W` started and killed after --seconds (start-up, data, compiles included), then
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import optuna
 
-from models.bench import scalars
+from bench.train_step import scalars
 
 ROOT = Path(__file__).resolve().parents[1]
 
