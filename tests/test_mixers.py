@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.attention import Attention, apply_rope
-from models.mamba1 import Mamba1
-from models.mamba2 import Mamba2
+from models.mixers.attention import Attention, apply_rope
+from models.mixers.mamba1 import Mamba1
+from models.mixers.mamba2 import Mamba2
 from models.norm import GatedRMSNorm
 
 D_MODEL = 16
