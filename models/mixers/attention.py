@@ -94,13 +94,13 @@ class Attention(Mixer):
         cfg = AttentionConfig(d_model, **params)
         self.d_model, self.n_heads, self.head_dim = d_model, cfg.n_heads, cfg.head_dim
         self.pos, self.max_seqlen = cfg.pos, cfg.max_seqlen
-        head_dim, pos, max_seqlen = cfg.head_dim, cfg.pos, cfg.max_seqlen
 
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
-        if pos == "rope":
-            inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-            angles = torch.outer(torch.arange(max_seqlen, dtype=torch.float32), inv_freq)  # (L, hd/2)
+        if cfg.pos == "rope":
+            hd = cfg.head_dim
+            inv_freq = 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+            angles = torch.outer(torch.arange(cfg.max_seqlen, dtype=torch.float32), inv_freq)  # (L, hd/2)
             self.register_buffer("rope_cos", angles.cos(), persistent=False)
             self.register_buffer("rope_sin", angles.sin(), persistent=False)
 

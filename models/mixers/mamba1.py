@@ -48,8 +48,8 @@ class Mamba1(SSMMixer):
         cfg = Mamba1Config(d_model, **params)
         self.d_model, self.d_state, self.d_conv, self.dt_rank = d_model, cfg.d_state, cfg.d_conv, cfg.dt_rank
         self.d_inner = d_inner = cfg.d_inner
-        self.ssm_state_shape = (d_inner, cfg.d_state)
         dt_rank, d_state = cfg.dt_rank, cfg.d_state
+        self.ssm_state_shape = (d_inner, d_state)
 
         self.in_proj = nn.Linear(d_model, 2 * d_inner, bias=cfg.bias)  # Order: [x, z]
         self.conv1d = CausalConv1d(d_inner, cfg.d_conv, bias=cfg.conv_bias)

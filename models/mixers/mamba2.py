@@ -78,7 +78,7 @@ class Mamba2(SSMMixer):
     """Mamba-2 mixer.
 
     x: (batch, seqlen, d_model) -> (batch, seqlen, d_model)
-    params: the fields of `Config` (Mamba2Config) after d_model.
+    params: Mamba2Config's fields after d_model.
 
     A_log, D and dt_bias carry `_no_weight_decay = True` so the optimizer can exclude them.
     """
@@ -88,25 +88,25 @@ class Mamba2(SSMMixer):
 
     def __init__(self, d_model: int, **params):
         super().__init__()
-        cfg = self.Config(d_model, **params)
-        self.d_model, self.d_state, self.d_conv, self.headdim = d_model, cfg.d_state, cfg.d_conv, cfg.headdim
-        self.ngroups, self.chunk_size, self.d_inner, self.nheads = cfg.ngroups, cfg.chunk_size, cfg.d_inner, cfg.nheads
-        self.ssm_state_shape = (cfg.nheads, cfg.headdim, cfg.d_state)
-        d_inner, nheads = cfg.d_inner, cfg.nheads
-        self.conv_dim = conv_dim = d_inner + 2 * cfg.ngroups * cfg.d_state  # x, B and C all go through the conv
+        cfg = self.Config(d_model, **params)  # a subclass (the discrete student) brings its own Config
+        self.d_model, self.d_state, self.d_conv, self.chunk_size = d_model, cfg.d_state, cfg.d_conv, cfg.chunk_size
+        self.d_inner, self.nheads, self.headdim, self.ngroups = cfg.d_inner, cfg.nheads, cfg.headdim, cfg.ngroups
+        d_inner, H, P, G, N = cfg.d_inner, cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state
+        self.ssm_state_shape = (H, P, N)
+        self.conv_dim = conv_dim = d_inner + 2 * G * N  # x, B and C all go through the conv
 
         # Order: [z, x, B, C, dt]
-        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * cfg.ngroups * cfg.d_state + nheads, bias=cfg.bias)
+        self.in_proj = nn.Linear(d_model, 2 * d_inner + 2 * G * N + H, bias=cfg.bias)
         self.conv1d = CausalConv1d(conv_dim, cfg.d_conv, bias=cfg.conv_bias)
-        self.dt_bias = nn.Parameter(init_dt_bias(nheads, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
+        self.dt_bias = nn.Parameter(init_dt_bias(H, cfg.dt_min, cfg.dt_max, cfg.dt_init_floor))
         self.dt_bias._no_weight_decay = True
         # Decay rates spread over heads: A ~ −U(A_init_range). Kept in fp32 like Mamba-1's A_log.
-        self.A_log = nn.Parameter(torch.empty(nheads).uniform_(*cfg.A_init_range).log())
+        self.A_log = nn.Parameter(torch.empty(H).uniform_(*cfg.A_init_range).log())
         self.A_log._no_weight_decay = True
-        self.D = nn.Parameter(torch.ones(nheads))
+        self.D = nn.Parameter(torch.ones(H))
         self.D._no_weight_decay = True
         # One norm group per B/C group, so a group's scale does not depend on the other groups.
-        self.norm = GatedRMSNorm(d_inner, group_size=d_inner // cfg.ngroups)
+        self.norm = GatedRMSNorm(d_inner, group_size=d_inner // G)
         self.out_proj = nn.Linear(d_inner, d_model, bias=cfg.bias)
 
     def project(self, u: Tensor, conv_state: Tensor | None = None):
