@@ -6,11 +6,12 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from models.mixers.attention import Attention
 from models.lm import LM
+from models.mixers.attention import Attention
 from models.mixers.mamba1 import Mamba1
 from models.mixers.mamba2 import Mamba2
 from models.norm import RMSNorm
+from tests.conftest import assert_rel_close
 
 VOCAB, D_MODEL, SEQLEN, BATCH = 13, 16, 10, 2
 # Flat, as Hydra passes them; each model takes only its mixers' keys.
@@ -39,11 +40,6 @@ def lm(request):
 
 def token_ids(seqlen=SEQLEN, seed=1):
     return torch.randint(VOCAB, (BATCH, seqlen), generator=torch.Generator().manual_seed(seed))
-
-
-def assert_rel_close(actual, expected, tol=1e-5):
-    err = (actual - expected).abs().max() / expected.abs().max()
-    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
 
 
 @torch.no_grad()

@@ -15,6 +15,7 @@ from models.mixers.attention import Attention, apply_rope
 from models.mixers.mamba1 import Mamba1
 from models.mixers.mamba2 import Mamba2
 from models.norm import GatedRMSNorm
+from tests.conftest import assert_rel_close
 
 D_MODEL = 16
 # Per mixer, tiny sizes that still exercise every code path: several heads, ngroups > 1, and a chunk
@@ -40,12 +41,6 @@ def mixer(request):
 
 def inputs(seqlen=SEQLEN, seed=1):
     return torch.randn(BATCH, seqlen, D_MODEL, generator=torch.Generator().manual_seed(seed))
-
-
-def assert_rel_close(actual, expected, tol=1e-5):
-    """Max error relative to the largest expected value."""
-    err = (actual - expected).abs().max() / expected.abs().max()
-    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
 
 
 @torch.no_grad()
