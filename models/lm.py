@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from models.mixers import available_mixers, make_mixer, mixer_class, split_params
+from models.mixers.base import check_positive_int
 from models.norm import RMSNorm
 
 POSITIONS = ("none", "learned", "rope")
@@ -58,11 +59,6 @@ class Block(nn.Module):
     def step(self, x: Tensor, cache) -> Tensor:
         x = x + self.mixer.step(self.norm(x), cache)
         return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
-
-
-def _positive_int(name: str, v) -> None:
-    if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-        raise ValueError(f"{name}={v!r}: must be a positive integer")
 
 
 def _check_mlp_expand(name: str, v) -> None:
@@ -121,7 +117,7 @@ class LM(nn.Module):
     ):
         super().__init__()
         for name, v in dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, max_seqlen=max_seqlen).items():
-            _positive_int(name, v)
+            check_positive_int(name, v)
         _check_mlp_expand("mlp_expand", mlp_expand)
         if mixer not in mixer_choices():
             raise ValueError(f"mixer={mixer!r}: must be one of {', '.join(mixer_choices())}")
