@@ -146,7 +146,7 @@ class LM(nn.Module):
             raise ValueError(f"attn_layers={list(attn_layers)}: only used with mixer='hybrid' (mixer={mixer!r})")
         plan = _layer_plan(n_layers, "mamba2" if mixer == "hybrid" else mixer, mlp_expand, layers)
         names = [layer["mixer"] for layer in plan]
-        if pos == "rope" and not any("pos" in mixer_class(name).params() for name in names):
+        if pos == "rope" and not any("pos" in mixer_class(name).hyperparameters() for name in names):
             raise ValueError(f"pos='rope': only attention layers use RoPE, and mixer={mixer!r} has none")
         params = split_params(names, mixer_params)
         # The LM's keys that a mixer may declare too. Learned positions are added to the embedding,
@@ -157,7 +157,7 @@ class LM(nn.Module):
 
         def make_block(layer: dict) -> Block:
             name = layer["mixer"]
-            given = {k: v for k, v in model_keys.items() if k in mixer_class(name).params()}
+            given = {k: v for k, v in model_keys.items() if k in mixer_class(name).hyperparameters()}
             return Block(d_model, make_mixer(name, d_model, **given, **params[name]), layer["mlp_expand"], norm)
 
         self.embedding = nn.Embedding(vocab_size, d_model)

@@ -111,7 +111,7 @@ def test_state_size_grows_with_the_sequence_as_the_cache_does(mixer):
 
 def test_declarations(mixer):
     """What the LM reads from a mixer: its Config (d_model first), its init and its out_proj."""
-    assert dataclasses.is_dataclass(mixer.Config) and mixer.params()[0] == "d_model"
+    assert dataclasses.is_dataclass(mixer.Config) and mixer.hyperparameters()[0] == "d_model"
     assert mixer.reference_init in ("gpt2", "mamba_ssm")
     assert isinstance(mixer.out_proj, torch.nn.Linear)
 

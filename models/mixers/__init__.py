@@ -1,4 +1,4 @@
-"""Sequence mixers: one module per mixer, each holding exactly one `models.mixers.base.Mixer` subclass.
+"""Sequence mixers: one module per mixer, each holding exactly one Mixer subclass with its Config.
 
 The module is the registry: `make_mixer("mamba2", d_model=64, d_state=32)` imports
 `models.mixers.mamba2` and builds the Mixer defined there, so adding a mixer is adding a file (plus
@@ -41,7 +41,7 @@ def split_params(names, params: dict) -> dict[str, dict]:
     as Python's own for an unexpected keyword argument.
     """
     names = sorted(set(names))
-    declared = {name: mixer_class(name).params()[1:] for name in names}  # d_model is the LM's
+    declared = {name: mixer_class(name).hyperparameters()[1:] for name in names}  # d_model is the LM's
     for key, value in params.items():
         if not any(key in keys for keys in declared.values()):
             whose = f"mixer {names[0]!r}" if len(names) == 1 else f"mixers {', '.join(map(repr, names))}"
@@ -51,14 +51,8 @@ def split_params(names, params: dict) -> dict[str, dict]:
 
 
 def make_mixer(name: str, d_model: int, **params) -> Mixer:
-    """The mixer `name` of width d_model built from `params`; a foreign or missing one is an error."""
-    cls = mixer_class(name)
-    params = split_params([name], params)[name]
-    for key in cls.required():
-        if key != "d_model" and key not in params:
-            raise ValueError(f"{key}: missing, mixer {name!r} requires it "
-                             f"(parameters: {', '.join(cls.params()[1:])})")
-    return cls(d_model, **params)
+    """The mixer `name` of width d_model built from `params`; a key it does not declare is a TypeError."""
+    return mixer_class(name)(d_model, **split_params([name], params)[name])
 
 
 def _mixer_classes(module) -> list[type[Mixer]]:

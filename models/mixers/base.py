@@ -29,15 +29,9 @@ class Mixer(nn.Module):
     reference_init: str
 
     @classmethod
-    def params(cls) -> list[str]:
+    def hyperparameters(cls) -> list[str]:
         """The names of its hyper-parameters, d_model first: the Config's constructor fields."""
         return [f.name for f in dataclasses.fields(cls.Config) if f.init]
-
-    @classmethod
-    def required(cls) -> list[str]:
-        """The hyper-parameters without a default."""
-        return [f.name for f in dataclasses.fields(cls.Config)
-                if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 
 
 def check_positive_int(name: str, value) -> None:
