@@ -1,25 +1,25 @@
-"""A language model around any mixer: embedding → n_layers × block → final norm → head.
+"""A language model around any mixers: embedding → n_layers × block → final norm → head.
 
 Block: x + mixer(norm(x)), then x + MLP(norm(x)) when mlp_expand > 0 (pre-norm, as GPT-2 and
-mamba_ssm's MixerModel). The constructor is flat so Hydra can build it from `model.*` keys; the
-mixer hyper-parameters a chosen mixer does not use are accepted and ignored.
+mamba_ssm's MixerModel). The constructor is flat so Hydra can build it from `model.*` keys; each
+layer's mixer (models/mixers/) gets the keys its Config declares, and a key no mixer of the model
+declares is an error.
 
 The recipe choices (head tying, norm, init) default to what the reference code does; README "Recipe"
 compares them with Zoology and mamba_ssm, with the measurements behind each.
 """
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
-from models.attention import Attention
-from models.mamba1 import Mamba1
-from models.mamba2 import Mamba2
+from models.mixers import available_mixers, make_mixer, mixer_class, split_params
+from models.mixers.base import check_positive_int
 from models.norm import RMSNorm
 
-MIXERS = ("mamba2", "attention", "mamba1", "hybrid")
 POSITIONS = ("none", "learned", "rope")
 NORMS = {"rmsnorm": RMSNorm, "layernorm": nn.LayerNorm}
 INITS = ("mixer", "normal")
@@ -61,9 +61,14 @@ class Block(nn.Module):
         return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
 
-def _positive_int(name: str, v) -> None:
-    if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-        raise ValueError(f"{name}={v!r}: must be a positive integer")
+def _check_mlp_expand(name: str, v) -> None:
+    if not (isinstance(v, int) and not isinstance(v, bool) and v >= 0):
+        raise ValueError(f"{name}={v!r}: must be an integer >= 0 (0 = no MLP)")
+
+
+def mixer_choices() -> list[str]:
+    """What `mixer` may name: the default (mamba2) first, the other mixers of models/mixers/, "hybrid"."""
+    return ["mamba2", *(name for name in available_mixers() if name != "mamba2"), "hybrid"]
 
 
 class LM(nn.Module):
@@ -71,21 +76,27 @@ class LM(nn.Module):
 
     ids: (batch, seqlen) int64 -> logits (batch, seqlen, vocab_size)
 
-    mixer: "mamba2" | "attention" | "mamba1" | "hybrid" (Mamba-2 everywhere except attention at the
-        layer indices in `attn_layers`).
+    The model is a list of n_layers blocks, each a mixer and, when its mlp_expand > 0, an MLP:
+    mixer: every layer's mixer, a module of models/mixers/ ("mamba2", "attention", "mamba1"), or
+        "hybrid": Mamba-2 everywhere except attention at the layer indices in `attn_layers`.
+    mlp_expand: MLP hidden width as a multiple of d_model; 0 = no MLP (Zoology's MQAR setting).
+    layers: {index: {mixer: ..., mlp_expand: ...}}, the layers that differ from the above: e.g.
+        `+model.layers={1:{mixer:attention}}` on `model=mamba2` is `model=hybrid model.attn_layers=[1]`.
+    **mixer_params: the mixers' hyper-parameters, named as in mamba_ssm and declared by each mixer's
+        Config (models.mixers.mamba2.Mamba2Config: d_state, headdim, ...; AttentionConfig: n_heads).
+        Each layer's mixer gets the keys its Config declares; a key that none of the model's mixers
+        declares (misspelled, or another mixer's) is a TypeError. The LM supplies d_model, and pos
+        ("rope" or "none") and max_seqlen to the mixers that declare them.
     pos: "none"; "learned" (absolute position embeddings for max_seqlen positions, added to the token
         embeddings); "rope" (rotary embeddings inside the attention layers, for max_seqlen positions).
-    mlp_expand: MLP hidden width as a multiple of d_model; 0 = no MLP (Zoology's MQAR setting).
     tie_embeddings: the head's weight is the token embedding's (Zoology and mamba_ssm); False gives
         the head its own weight.
     norm: "rmsnorm" (mamba_ssm, Zoology's Mamba blocks) or "layernorm" (Zoology's attention blocks),
         for the blocks' norms and the final norm; eps 1e-5.
-    init: "mixer" (each block as its reference code: attention and MLPs GPT-2's N(0, 0.02) as in
-        Zoology; Mamba blocks mamba_ssm's, PyTorch's default Linear init) or "normal" (GPT-2's
-        N(0, 0.02) for every Linear, as Zoology did in 2023). Both keep the mixers' own Δ/A/D inits.
-    Mixer hyper-parameters (named as in mamba_ssm): n_heads (attention); d_state (default 16 for
-    Mamba-1, 64 for Mamba-2), d_conv, expand (both Mambas); dt_rank (Mamba-1); headdim, ngroups,
-    chunk_size (Mamba-2).
+    init: "mixer" (each block as its reference code, the mixer's `reference_init`: attention and MLPs
+        GPT-2's N(0, 0.02) as in Zoology; Mamba blocks mamba_ssm's, PyTorch's default Linear init) or
+        "normal" (GPT-2's N(0, 0.02) for every Linear, as Zoology did in 2023). Both keep the mixers'
+        own Δ/A/D inits.
     """
 
     def __init__(
@@ -97,26 +108,19 @@ class LM(nn.Module):
         mlp_expand: int = 0,
         pos: str = "none",
         max_seqlen: int = 2048,
+        layers=None,
         attn_layers=(),
-        n_heads: int = 1,
-        d_state: int | None = None,
-        d_conv: int = 4,
-        expand: int = 2,
-        headdim: int = 64,
-        ngroups: int = 1,
-        chunk_size: int = 256,
-        dt_rank: int | str = "auto",
         tie_embeddings: bool = True,
         norm: str = "rmsnorm",
         init: str = "mixer",
+        **mixer_params,
     ):
         super().__init__()
         for name, v in dict(vocab_size=vocab_size, d_model=d_model, n_layers=n_layers, max_seqlen=max_seqlen).items():
-            _positive_int(name, v)
-        if not (isinstance(mlp_expand, int) and not isinstance(mlp_expand, bool) and mlp_expand >= 0):
-            raise ValueError(f"mlp_expand={mlp_expand!r}: must be an integer >= 0 (0 = no MLP)")
-        if mixer not in MIXERS:
-            raise ValueError(f"mixer={mixer!r}: must be one of {', '.join(MIXERS)}")
+            check_positive_int(name, v)
+        _check_mlp_expand("mlp_expand", mlp_expand)
+        if mixer not in mixer_choices():
+            raise ValueError(f"mixer={mixer!r}: must be one of {', '.join(mixer_choices())}")
         if pos not in POSITIONS:
             raise ValueError(f"pos={pos!r}: must be one of {', '.join(POSITIONS)}")
         if not isinstance(tie_embeddings, bool):
@@ -125,6 +129,9 @@ class LM(nn.Module):
             raise ValueError(f"norm={norm!r}: must be one of {', '.join(NORMS)}")
         if init not in INITS:
             raise ValueError(f"init={init!r}: must be one of {', '.join(INITS)}")
+        layers = {} if layers is None else layers
+        if not isinstance(layers, Mapping):
+            raise ValueError(f"layers={layers!r}: must map layer indices to {{mixer: ..., mlp_expand: ...}}")
         attn_layers = tuple(attn_layers)
         if mixer == "hybrid":
             if not attn_layers:
@@ -134,31 +141,31 @@ class LM(nn.Module):
                     raise ValueError(f"attn_layers={list(attn_layers)}: indices must be in [0, n_layers={n_layers})")
             if len(set(attn_layers)) != len(attn_layers):
                 raise ValueError(f"attn_layers={list(attn_layers)}: indices must be distinct")
+            layers = {**{i: {"mixer": "attention"} for i in attn_layers}, **layers}
         elif attn_layers:
             raise ValueError(f"attn_layers={list(attn_layers)}: only used with mixer='hybrid' (mixer={mixer!r})")
-        if pos == "rope" and mixer not in ("attention", "hybrid"):
+        plan = _layer_plan(n_layers, "mamba2" if mixer == "hybrid" else mixer, mlp_expand, layers)
+        names = [layer["mixer"] for layer in plan]
+        if pos == "rope" and not any("pos" in mixer_class(name).hyperparameters() for name in names):
             raise ValueError(f"pos='rope': only attention layers use RoPE, and mixer={mixer!r} has none")
-        if d_state is None:
-            d_state = 16 if mixer == "mamba1" else 64  # each block's mamba_ssm default
+        params = split_params(names, mixer_params)
+        # The LM's keys that a mixer may declare too. Learned positions are added to the embedding,
+        # so only RoPE is the mixers' business.
+        model_keys = dict(pos="rope" if pos == "rope" else "none", max_seqlen=max_seqlen)
         self.vocab_size, self.d_model, self.max_seqlen, self.pos = vocab_size, d_model, max_seqlen, pos
         self.norm_type, self.tie_embeddings = norm, tie_embeddings
 
-        def make_mixer(i: int) -> nn.Module:
-            if mixer == "attention" or i in attn_layers:
-                return Attention(d_model, n_heads, pos="rope" if pos == "rope" else "none", max_seqlen=max_seqlen)
-            if mixer == "mamba1":
-                return Mamba1(d_model, d_state=d_state, d_conv=d_conv, expand=expand, dt_rank=dt_rank)
-            return Mamba2(
-                d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=headdim, ngroups=ngroups,
-                chunk_size=chunk_size,
-            )
+        def make_block(layer: dict) -> Block:
+            name = layer["mixer"]
+            given = {k: v for k, v in model_keys.items() if k in mixer_class(name).hyperparameters()}
+            return Block(d_model, make_mixer(name, d_model, **given, **params[name]), layer["mlp_expand"], norm)
 
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(max_seqlen, d_model) if pos == "learned" else None
-        self.blocks = nn.ModuleList(Block(d_model, make_mixer(i), mlp_expand, norm) for i in range(n_layers))
+        self.blocks = nn.ModuleList(make_block(layer) for layer in plan)
         self.norm_f = NORMS[norm](d_model, eps=1e-5)
         self.head = nn.Linear(d_model, vocab_size, bias=False)
-        self._init_weights(init, n_layers, n_residuals=n_layers * (2 if mlp_expand else 1))
+        self._init_weights(init, n_layers, n_residuals=n_layers + sum(b.mlp is not None for b in self.blocks))
         if tie_embeddings:  # after the init, so the shared weight keeps the embedding's N(0, 0.02)
             self.head.weight = self.embedding.weight
 
@@ -173,7 +180,7 @@ class LM(nn.Module):
         Modules and biases marked `_no_reinit` (Mamba-1's Δ projection) keep their own init in both.
         """
         gpt2_std_out = 0.02 / math.sqrt(2 * n_layers)
-        mamba_blocks = [] if init == "normal" else [b for b in self.blocks if isinstance(b.mixer, (Mamba1, Mamba2))]
+        mamba_blocks = [] if init == "normal" else [b for b in self.blocks if b.mixer.reference_init == "mamba_ssm"]
         mamba_modules = {id(m) for b in mamba_blocks for m in b.mixer.modules()}
         for module in self.modules():
             if not isinstance(module, (nn.Linear, nn.Embedding)) or getattr(module, "_no_reinit", False):
@@ -235,3 +242,21 @@ class LM(nn.Module):
 
     def num_params(self) -> int:
         return sum(p.numel() for p in self.parameters())
+
+
+def _layer_plan(n_layers: int, mixer: str, mlp_expand: int, layers: Mapping) -> list[dict]:
+    """Each layer's {mixer, mlp_expand}: `mixer` and `mlp_expand`, with `layers`' overrides applied."""
+    plan = [dict(mixer=mixer, mlp_expand=mlp_expand) for _ in range(n_layers)]
+    for i, overrides in layers.items():
+        if not (isinstance(i, int) and not isinstance(i, bool) and 0 <= i < n_layers):
+            raise ValueError(f"layers[{i!r}]: not a layer index, which must be in [0, n_layers={n_layers})")
+        if not isinstance(overrides, Mapping):
+            raise ValueError(f"layers[{i}]={overrides!r}: must be {{mixer: ..., mlp_expand: ...}}")
+        for key, value in overrides.items():
+            if key not in plan[i]:
+                raise ValueError(f"layers[{i}].{key}={value!r}: not a layer setting (allowed: mixer, mlp_expand)")
+            plan[i][key] = value
+        if "mixer" in overrides and overrides["mixer"] not in available_mixers():
+            raise ValueError(f"layers[{i}].mixer={overrides['mixer']!r}: must be one of {', '.join(available_mixers())}")
+        _check_mlp_expand(f"layers[{i}].mlp_expand", plan[i]["mlp_expand"])
+    return plan

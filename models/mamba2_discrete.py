@@ -1,6 +1,6 @@
 """Discrete Mamba-2: the student mixer of MOHAWK's Phi-Mamba (Bick et al. 2024, arXiv 2408.10189).
 
-Mamba-2 (models/mamba2.py) changed so that, at initialisation, its SSD matrix is built like an
+Mamba-2 (models/mixers/mamba2.py) changed so that, at initialisation, its SSD matrix is built like an
 attention matrix from per-token queries and keys:
 - one B and one C per head (G = H), as attention has one key and one query per head;
 - no Δ discretisation of the input: h_t = exp(Δ_t·A)·h_{t−1} + x_t B_tᵀ (Mamba-2: Δ_t·x_t B_tᵀ), so
@@ -13,43 +13,58 @@ attention matrix from per-token queries and keys:
 A = −exp(A_log) and Δ = softplus(dt + dt_bias) are kept learnable as in Mamba-2 (Phi-Mamba fixes
 A = −1 and has no dt_bias: a special case).
 
-Glossary as in models/mamba2.py; here headdim P = expand·d_model / nheads.
+Glossary as in models/mixers/mamba2.py; here headdim P = expand·d_model / nheads.
+
+Not one of the LM's mixers (`model.mixer`): its init assumes it replaces the mixers of an LM already
+built (models.mohawk.make_student). It keeps the mixer contract, and tests/test_mixer_contract.py
+checks it with the registered ones.
 """
+
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kernels.conv1d import causal_conv1d
 from kernels.ssd import ssd_scan, ssd_step
-from models.mamba1 import MambaCache
-from models.mamba2 import Mamba2, materialize_ssd
+from models.mixers.base import check_positive_int
+from models.mixers.mamba2 import Mamba2, Mamba2Config, materialize_ssd
+from models.mixers.ssm import MambaCache
 
 SILU_INV_ONE = 1.2784645  # silu(1.2784645) = 1.0000000 to fp32 precision
+
+
+@dataclass
+class DiscreteMamba2Config(Mamba2Config):
+    """Mamba2Config with H = nheads given and one B/C group per head: headdim = expand·d_model / nheads
+    and ngroups = nheads are derived. expand defaults to 1 (x plays attention's values)."""
+
+    expand: int = 1
+    headdim: int = field(init=False)
+    ngroups: int = field(init=False)
+    nheads: int = field(kw_only=True)
+
+    def __post_init__(self):
+        for name in ("d_model", "nheads", "expand"):
+            check_positive_int(name, getattr(self, name))
+        if (self.expand * self.d_model) % self.nheads:
+            raise ValueError(f"nheads={self.nheads}: must divide d_inner=expand*d_model={self.expand * self.d_model}")
+        self.headdim, self.ngroups = self.expand * self.d_model // self.nheads, self.nheads
+        super().__post_init__()
 
 
 class DiscreteMamba2(Mamba2):
     """Mamba-2 mixer without input discretisation, conv activation or norm (Phi-Mamba's mixer).
 
     x: (batch, seqlen, d_model) -> (batch, seqlen, d_model)
-
-    nheads: H, with one B/C group per head; headdim = expand·d_model / nheads.
+    params: DiscreteMamba2Config's fields after d_model; nheads is required.
     """
 
-    def __init__(
-        self, d_model: int, nheads: int, d_state: int = 64, d_conv: int = 4, expand: int = 1,
-        chunk_size: int = 256, **kwargs,
-    ):
-        """kwargs: Mamba2's remaining ones (A_init_range, dt_min, dt_max, dt_init_floor, conv_bias, bias)."""
-        for name, v in dict(d_model=d_model, nheads=nheads, expand=expand).items():
-            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-                raise ValueError(f"{name}={v!r}: must be a positive integer")
-        if (expand * d_model) % nheads:
-            raise ValueError(f"nheads={nheads}: must divide d_inner=expand*d_model={expand * d_model}")
-        super().__init__(
-            d_model, d_state=d_state, d_conv=d_conv, expand=expand, headdim=expand * d_model // nheads,
-            ngroups=nheads, chunk_size=chunk_size, **kwargs,
-        )
+    Config = DiscreteMamba2Config
+    conv_activation = None
+
+    def __init__(self, d_model: int, **params):
+        super().__init__(d_model, **params)
         del self.norm
         self.z_bias = nn.Parameter(torch.full((self.d_inner,), SILU_INV_ONE))
         self.z_bias._no_weight_decay = True
@@ -63,17 +78,6 @@ class DiscreteMamba2(Mamba2):
             self.conv1d.weight[:, 0, -1] = 1.0  # the last tap reads the current token
             if self.conv1d.bias is not None:
                 self.conv1d.bias.zero_()
-
-    def ssd_inputs(self, u: Tensor, conv_state: Tensor | None = None):
-        """z (b, l, d_inner), x (b, l, H, P), Δ (b, l, H) fp32, A (H,) fp32, B and C (b, l, H, N).
-
-        The conv continues from `conv_state` (and updates it) when one is given.
-        """
-        z, xBC, dt = self._split(self.in_proj(u))
-        xBC = causal_conv1d(xBC, self.conv1d.weight.squeeze(1), self.conv1d.bias, None, conv_state)  # no activation
-        x, B, C = self._split_xbc(xBC)
-        dt = F.softplus(dt.float() + self.dt_bias.float())
-        return z, x, dt, -torch.exp(self.A_log.float()), B, C
 
     def ssd_matrix(self, u: Tensor) -> Tensor:
         """u: (b, l, d_model) -> M (b, H, l, l) fp32.

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.attention import Attention
+from models.mixers.attention import Attention
 from models.lit import LitLM, configure_optimizers, scored_logits
 from models.lm import LM
 from models.mamba2_discrete import DiscreteMamba2

@@ -108,6 +108,12 @@ def assert_matches_oracle(outs: tuple, outs_oracle: tuple, inputs: dict, tol_out
         assert rel_err(grad, grad_oracle) < tol_grad, name
 
 
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float = 1e-5) -> None:
+    """Max error relative to the largest expected value."""
+    err = (actual - expected).abs().max() / expected.abs().max()
+    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
+
+
 def assert_matches_fp64_reference(name: str, op, ref, inputs: dict, tol: float, tol_of: dict) -> torch.Tensor:
     """`op(**inputs)` and its gradient with respect to every input (for a fixed random upstream
     gradient) against `ref` on fp64 copies of the inputs, by relative error: the output and each

@@ -165,8 +165,8 @@ def check_blocks_equal(block, u, monkeypatch, tol_out, tol_grad):
 
 
 def make_block(mixer: str, d_model: int, **mamba2):
-    from models.mamba1 import Mamba1
-    from models.mamba2 import Mamba2
+    from models.mixers.mamba1 import Mamba1
+    from models.mixers.mamba2 import Mamba2
 
     torch.manual_seed(0)
     block = Mamba1(d_model, d_state=4 if d_model < 64 else 16) if mixer == "mamba1" else Mamba2(d_model, **mamba2)

@@ -6,26 +6,30 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
-from models.attention import Attention
 from models.lm import LM
-from models.mamba1 import Mamba1
-from models.mamba2 import Mamba2
+from models.mixers.attention import Attention
+from models.mixers.mamba1 import Mamba1
+from models.mixers.mamba2 import Mamba2
 from models.norm import RMSNorm
+from tests.conftest import assert_rel_close
 
 VOCAB, D_MODEL, SEQLEN, BATCH = 13, 16, 10, 2
-SIZES = dict(n_heads=2, d_state=4, headdim=8, ngroups=2, chunk_size=4)  # flat, as Hydra passes them
+# Flat, as Hydra passes them; each model takes only its mixers' keys.
+ATTENTION, MAMBA1, MAMBA2 = dict(n_heads=2), dict(d_state=4), dict(d_state=4, headdim=8, ngroups=2, chunk_size=4)
 CONFIGS = {
-    "mamba2": dict(mixer="mamba2"),
-    "mamba1-learned-mlp": dict(mixer="mamba1", pos="learned", mlp_expand=2),
-    "attention-learned": dict(mixer="attention", pos="learned"),
-    "attention-rope-mlp": dict(mixer="attention", pos="rope", mlp_expand=2),
-    "hybrid-rope": dict(mixer="hybrid", pos="rope", n_layers=3, attn_layers=[1]),
+    "mamba2": dict(mixer="mamba2", **MAMBA2),
+    "mamba1-learned-mlp": dict(mixer="mamba1", pos="learned", mlp_expand=2, **MAMBA1),
+    "attention-learned": dict(mixer="attention", pos="learned", **ATTENTION),
+    "attention-rope-mlp": dict(mixer="attention", pos="rope", mlp_expand=2, **ATTENTION),
+    "hybrid-rope": dict(mixer="hybrid", pos="rope", n_layers=3, attn_layers=[1], **ATTENTION, **MAMBA2),
+    "layers-mlp-attention": dict(mixer="mamba1", n_layers=3, layers={1: dict(mixer="attention", mlp_expand=2)},
+                                 **ATTENTION, **MAMBA1),
 }
 
 
 def make_lm(name, **overrides):
     torch.manual_seed(0)
-    kwargs = dict(vocab_size=VOCAB, d_model=D_MODEL, n_layers=2, max_seqlen=16, **SIZES)
+    kwargs = dict(vocab_size=VOCAB, d_model=D_MODEL, n_layers=2, max_seqlen=16)
     return LM(**{**kwargs, **CONFIGS[name], **overrides})
 
 
@@ -36,11 +40,6 @@ def lm(request):
 
 def token_ids(seqlen=SEQLEN, seed=1):
     return torch.randint(VOCAB, (BATCH, seqlen), generator=torch.Generator().manual_seed(seed))
-
-
-def assert_rel_close(actual, expected, tol=1e-5):
-    err = (actual - expected).abs().max() / expected.abs().max()
-    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
 
 
 @torch.no_grad()
@@ -163,12 +162,12 @@ def test_init_mixer_is_mamba_ssm_for_mamba_and_gpt2_for_attention():
     out_proj divided by √(#residual branches) (mamba_ssm); attention gets N(0, 0.02) with out_proj
     N(0, 0.02/√(2·n_layers)) (Zoology / GPT-2); init="normal" gives every Mamba Linear N(0, 0.02)."""
     d, n_layers = 256, 4
-    kwargs = dict(vocab_size=VOCAB, d_model=d, n_layers=n_layers, headdim=64, d_state=16)
+    kwargs = dict(vocab_size=VOCAB, d_model=d, n_layers=n_layers)
     torch.manual_seed(0)
-    mamba = LM(**kwargs, mixer="mamba2").blocks[0].mixer
+    mamba = LM(**kwargs, mixer="mamba2", headdim=64, d_state=16).blocks[0].mixer
     assert mamba.in_proj.weight.std().item() == pytest.approx((3 * d) ** -0.5, rel=0.05)
     assert mamba.out_proj.weight.std().item() == pytest.approx((3 * 2 * d) ** -0.5 / n_layers**0.5, rel=0.05)
-    mamba = LM(**kwargs, mixer="mamba2", init="normal").blocks[0].mixer
+    mamba = LM(**kwargs, mixer="mamba2", headdim=64, d_state=16, init="normal").blocks[0].mixer
     assert mamba.in_proj.weight.std().item() == pytest.approx(0.02, rel=0.05)
     assert mamba.out_proj.weight.std().item() == pytest.approx(0.02 / (2 * n_layers) ** 0.5, rel=0.05)
     attn = LM(**kwargs, mixer="attention").blocks[0].mixer
@@ -201,9 +200,29 @@ def test_hydra_flat_config():
     assert isinstance(lm.blocks[2].mixer, Attention) and lm.blocks[0].mixer.d_state == 32
 
 
-def test_unused_mixer_hyperparameters_are_accepted():
-    lm = LM(VOCAB, D_MODEL, 1, mixer="attention", d_state=3, headdim=5, dt_rank=7, chunk_size=9)
-    assert isinstance(lm.blocks[0].mixer, Attention)
+def test_layers_override_single_layers():
+    """`layers` sets a layer's mixer and MLP; `mixer="hybrid"` is its shorthand for attention layers."""
+    lm = make_lm("layers-mlp-attention")
+    assert [type(b.mixer) for b in lm.blocks] == [Mamba1, Attention, Mamba1]
+    assert [b.mlp is not None for b in lm.blocks] == [False, True, False]
+    hybrid = make_lm("hybrid-rope", n_layers=3, attn_layers=[1])
+    same = make_lm("hybrid-rope", mixer="mamba2", n_layers=3, attn_layers=(), layers={1: {"mixer": "attention"}})
+    assert hybrid.state_dict().keys() == same.state_dict().keys()
+    for (name, a), b in zip(hybrid.state_dict().items(), same.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_mixers_get_only_their_own_hyperparameters():
+    """A key none of the model's mixers declares is an error, like any unexpected keyword argument."""
+    with pytest.raises(TypeError, match=r"^d_state=3: not a parameter of mixer 'attention' \(allowed: n_heads, pos, max_seqlen\)$"):
+        LM(VOCAB, D_MODEL, 1, mixer="attention", d_state=3)
+    with pytest.raises(TypeError, match=r"^n_heads=2: not a parameter of mixer 'mamba1' \(allowed: d_state, "):
+        LM(VOCAB, D_MODEL, 1, mixer="mamba1", n_heads=2)
+    with pytest.raises(TypeError, match=r"^dt_rank=2: not a parameter of mixers 'attention', 'mamba2' "):
+        LM(VOCAB, D_MODEL, 2, mixer="hybrid", attn_layers=[1], dt_rank=2)
+    # A hybrid's keys go to the mixers that declare them.
+    lm = LM(VOCAB, D_MODEL, 2, mixer="hybrid", attn_layers=[1], n_heads=4, d_state=4, headdim=8)
+    assert lm.blocks[1].mixer.n_heads == 4 and lm.blocks[0].mixer.d_state == 4
 
 
 VALIDATION = {
@@ -222,6 +241,10 @@ VALIDATION = {
     "init": (dict(init="xavier"), r"^init='xavier': must be one of mixer, normal$"),
     "tie_embeddings": (dict(tie_embeddings="yes"), r"^tie_embeddings='yes': must be true or false$"),
     "n_heads": (dict(mixer="attention", n_heads=3), r"^n_heads=3: must divide d_model=16$"),
+    "layers-index": (dict(layers={2: {"mixer": "attention"}}), r"^layers\[2\]: not a layer index, which must be in"),
+    "layers-key": (dict(layers={0: {"norm": "layernorm"}}), r"^layers\[0\].norm='layernorm': not a layer setting"),
+    "layers-mixer": (dict(layers={0: {"mixer": "rnn"}}), r"^layers\[0\].mixer='rnn': must be one of attention, "),
+    "layers-mlp_expand": (dict(layers={1: {"mlp_expand": 0.5}}), r"^layers\[1\].mlp_expand=0.5: must be an integer"),
 }
 
 

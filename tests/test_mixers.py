@@ -1,24 +1,35 @@
-"""The mixer contract, checked on every mixer: shapes, causality, and that forward, step and
-chunk-by-chunk forward with a carried cache compute the same function."""
+"""The mixer contract, checked on every registered mixer (and MOHAWK's student, which keeps it):
+shapes, causality, that forward, step and chunk-by-chunk forward with a carried cache compute the same
+function, and a state size that grows with the sequence exactly when the cache does."""
+
+import dataclasses
+import functools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from models.attention import Attention, apply_rope
-from models.mamba1 import Mamba1
-from models.mamba2 import Mamba2
+from models.mamba2_discrete import DiscreteMamba2
+from models.mixers import available_mixers, make_mixer, mixer_class
+from models.mixers.attention import Attention, apply_rope
+from models.mixers.mamba1 import Mamba1
+from models.mixers.mamba2 import Mamba2
 from models.norm import GatedRMSNorm
+from tests.conftest import assert_rel_close
 
 D_MODEL = 16
-# Tiny sizes that still exercise every code path: several heads, ngroups > 1, and a chunk size that
-# does not divide the test lengths.
-MIXERS = {
-    "attention-none": lambda: Attention(D_MODEL, n_heads=2, pos="none", max_seqlen=64),
-    "attention-rope": lambda: Attention(D_MODEL, n_heads=2, pos="rope", max_seqlen=64),
-    "mamba1": lambda: Mamba1(D_MODEL, d_state=4, d_conv=4, expand=2),
-    "mamba2": lambda: Mamba2(D_MODEL, d_state=8, d_conv=4, expand=2, headdim=8, ngroups=2, chunk_size=4),
+# Per mixer, tiny sizes that still exercise every code path: several heads, ngroups > 1, and a chunk
+# size that does not divide the test lengths. A mixer not listed is checked with its Config's defaults.
+SMALL = {
+    "attention": {"attention-none": dict(n_heads=2, pos="none", max_seqlen=64),
+                  "attention-rope": dict(n_heads=2, pos="rope", max_seqlen=64)},
+    "mamba1": {"mamba1": dict(d_state=4, d_conv=4, expand=2)},
+    "mamba2": {"mamba2": dict(d_state=8, d_conv=4, expand=2, headdim=8, ngroups=2, chunk_size=4)},
 }
+MIXERS = {case: functools.partial(make_mixer, name, D_MODEL, **params)
+          for name in available_mixers() for case, params in SMALL.get(name, {name: {}}).items()}
+# MOHAWK's student keeps the contract too, though the LM does not offer it as a mixer.
+MIXERS["mamba2_discrete"] = functools.partial(DiscreteMamba2, D_MODEL, nheads=2, d_state=8, chunk_size=4)
 BATCH, SEQLEN = 2, 11
 
 
@@ -30,12 +41,6 @@ def mixer(request):
 
 def inputs(seqlen=SEQLEN, seed=1):
     return torch.randn(BATCH, seqlen, D_MODEL, generator=torch.Generator().manual_seed(seed))
-
-
-def assert_rel_close(actual, expected, tol=1e-5):
-    """Max error relative to the largest expected value."""
-    err = (actual - expected).abs().max() / expected.abs().max()
-    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
 
 
 @torch.no_grad()
@@ -91,6 +96,40 @@ def test_backward_reaches_every_parameter(mixer):
     mixer(inputs()).square().sum().backward()
     for name, p in mixer.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+
+
+@torch.no_grad()
+def test_state_size_grows_with_the_sequence_as_the_cache_does(mixer):
+    """Zoology's accounting: a recurrent mixer's state is constant, attention's grows with seq_len."""
+    def numel(cache):
+        return sum(v.numel() for v in vars(cache).values() if isinstance(v, torch.Tensor))
+
+    short, long = mixer.state_size(8), mixer.state_size(64)
+    assert isinstance(short, int) and 0 < short <= long
+    assert (long > short) == (numel(mixer.allocate_cache(1, 64)) > numel(mixer.allocate_cache(1, 8)))
+
+
+def test_declarations(mixer):
+    """What the LM reads from a mixer: its Config (d_model first), its init and its out_proj."""
+    assert dataclasses.is_dataclass(mixer.Config) and mixer.hyperparameters()[0] == "d_model"
+    assert mixer.reference_init in ("gpt2", "mamba_ssm")
+    assert isinstance(mixer.out_proj, torch.nn.Linear)
+
+
+def test_registry():
+    assert {"attention", "mamba1", "mamba2"} <= set(available_mixers())
+    assert mixer_class("mamba2") is Mamba2 and mixer_class("attention") is Attention
+    for bad in ("rnn", "base", "ssm", "../lm", 3):
+        with pytest.raises(ValueError, match=r"^mixer=.*: must be one of attention, mamba1, mamba2"):
+            mixer_class(bad)
+
+
+def test_make_mixer_takes_only_its_own_hyperparameters():
+    assert make_mixer("mamba1", D_MODEL, d_state=4).d_state == 4
+    with pytest.raises(TypeError, match=r"^n_heads=2: not a parameter of mixer 'mamba1' \(allowed: d_state, "):
+        make_mixer("mamba1", D_MODEL, n_heads=2)
+    with pytest.raises(TypeError, match=r"^d_stat=4: not a parameter of mixer 'mamba2'"):
+        make_mixer("mamba2", D_MODEL, d_stat=4)
 
 
 def test_state_size():

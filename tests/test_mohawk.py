@@ -14,10 +14,10 @@ from omegaconf import OmegaConf
 
 import run
 from kernels.ssd import ssd_scan
-from models.attention import Attention
 from models.lm import LM
-from models.mamba2 import Mamba2
 from models.mamba2_discrete import DiscreteMamba2
+from models.mixers.attention import Attention
+from models.mixers.mamba2 import Mamba2
 from tasks.data import scored
 from models.mohawk import (KnowledgeDistillation, block_inputs, block_with_mixer, hidden_errors, make_student,
                            matrix_errors, transfer_weights)

@@ -131,18 +131,40 @@ def test_the_readme_errors_are_what_the_scripts_print():
 def test_adding_a_task_as_the_readme_says(tmp_path):
     """The README's `reverse` task, added to a copy of the repository, is found and passes the task
     contract tests, and `python run.py task=reverse model=mamba2` builds."""
-    files = re.findall(r"```\w+\n# (tasks/\w+\.py|conf/task/\w+\.yaml)[^\n]*\n(.*?)```", README, re.S)
-    assert sorted(path for path, _ in files) == ["conf/task/reverse.yaml", "tasks/reverse.py"]
+    passed = _add_readme_files_and_test(tmp_path, r"tasks/\w+\.py|conf/task/\w+\.yaml",
+                                        ["conf/task/reverse.yaml", "tasks/reverse.py"],
+                                        ["tests/test_tasks.py", "-k", "reverse"], ["task=reverse", "model=mamba2"])
+    assert passed >= 2
+
+
+def test_adding_a_mixer_as_the_readme_says(tmp_path):
+    """The README's `ema` mixer, added to a copy of the repository, is found and passes the mixer
+    contract tests, and `python run.py model=ema` builds."""
+    passed = _add_readme_files_and_test(tmp_path, r"models/mixers/\w+\.py|conf/model/\w+\.yaml",
+                                        ["conf/model/ema.yaml", "models/mixers/ema.py"],
+                                        ["tests/test_mixers.py", "-k", "ema"], ["model=ema"])
+    assert passed >= 10
+
+
+def _add_readme_files_and_test(tmp_path, paths: str, expected: list[str], pytest_args: list[str],
+                               overrides: list[str]) -> int:
+    """Add the README's files whose first line names a path matching `paths` (exactly `expected`)
+    to a copy of the repository; there `pytest pytest_args` must pass and run.py with `overrides`
+    build. Returns how many tests passed."""
+    files = re.findall(rf"```\w+\n# ({paths})[^\n]*\n(.*?)```", README, re.S)
+    assert sorted(path for path, _ in files) == expected
     repo = tmp_path / "repo"
     shutil.copytree(ROOT, repo, ignore=shutil.ignore_patterns(".git", "runs", "__pycache__", ".pytest_cache"))
     for path, text in files:
         (repo / path).write_text(text)
-    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_tasks.py",
-                            "-k", "reverse"], cwd=repo, capture_output=True, text=True, timeout=300)
-    assert tests.returncode == 0 and re.search(r"\b[2-9] passed", tests.stdout), tests.stdout + tests.stderr
-    built = subprocess.run([sys.executable, "-c", "import run; run.check_command(['task=reverse', 'model=mamba2'])"],
+    tests = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
+                           cwd=repo, capture_output=True, text=True, timeout=300)
+    passed = re.search(r"\b(\d+) passed", tests.stdout)
+    assert tests.returncode == 0 and passed, tests.stdout + tests.stderr
+    built = subprocess.run([sys.executable, "-c", f"import run; run.check_command({overrides!r})"],
                            cwd=repo, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
+    return int(passed.group(1))
 
 
 def test_the_readme_sections_and_files_that_configs_and_code_name_exist():

@@ -4,13 +4,43 @@ Glossary: h = n_heads, hd = head_dim = d_model / h, K/V cache = the keys and val
 seen so far, which is the attention layer's whole state (so it grows with the sequence).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from models.mixers.base import Mixer, check_positive_int
+
 POSITIONS = ("none", "rope")
+
+
+@dataclass
+class AttentionConfig:
+    """Attention's hyper-parameters: h = n_heads (dividing d_model); hd = head_dim is derived.
+
+    pos and max_seqlen are the LM's (`model.pos`, `model.max_seqlen`): "rope" rotates queries and keys,
+    for positions [0, max_seqlen); the LM's learned positions are added before the blocks ("none" here).
+    """
+
+    d_model: int
+    n_heads: int = 1
+    pos: str = "none"
+    max_seqlen: int = 2048
+    head_dim: int = field(init=False)
+
+    def __post_init__(self):
+        for name in ("d_model", "n_heads", "max_seqlen"):
+            check_positive_int(name, getattr(self, name))
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads}: must divide d_model={self.d_model}")
+        if self.pos not in POSITIONS:
+            raise ValueError(f"pos={self.pos!r}: must be one of {', '.join(POSITIONS)}")
+        self.head_dim = self.d_model // self.n_heads
+        if self.pos == "rope" and self.head_dim % 2:
+            raise ValueError(
+                f"n_heads={self.n_heads}: pos='rope' needs an even head_dim=d_model/n_heads (got {self.head_dim})"
+            )
 
 
 @dataclass
@@ -45,38 +75,32 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
-class Attention(nn.Module):
+class Attention(Mixer):
     """Causal multi-head self-attention.
 
     x: (batch, seqlen, d_model) -> (batch, seqlen, d_model)
+    params: AttentionConfig's fields after d_model.
 
     pos="rope" rotates queries and keys (RoPE, base 10000); the angle table covers positions
     [0, max_seqlen). It is not saved in checkpoints, so a model can be evaluated with a larger
-    max_seqlen than it was trained with.
+    max_seqlen than it was trained with. Initialised as Zoology (GPT-2's N(0, 0.02)).
     """
 
-    def __init__(self, d_model: int, n_heads: int = 1, pos: str = "none", max_seqlen: int = 2048):
+    Config = AttentionConfig
+    reference_init = "gpt2"
+
+    def __init__(self, d_model: int, **params):
         super().__init__()
-        for name, v in dict(d_model=d_model, n_heads=n_heads, max_seqlen=max_seqlen).items():
-            if not (isinstance(v, int) and not isinstance(v, bool) and v > 0):
-                raise ValueError(f"{name}={v!r}: must be a positive integer")
-        if d_model % n_heads:
-            raise ValueError(f"n_heads={n_heads}: must divide d_model={d_model}")
-        if pos not in POSITIONS:
-            raise ValueError(f"pos={pos!r}: must be one of {', '.join(POSITIONS)}")
-        head_dim = d_model // n_heads
-        if pos == "rope" and head_dim % 2:
-            raise ValueError(
-                f"n_heads={n_heads}: pos='rope' needs an even head_dim=d_model/n_heads (got {head_dim})"
-            )
-        self.d_model, self.n_heads, self.head_dim = d_model, n_heads, head_dim
-        self.pos, self.max_seqlen = pos, max_seqlen
+        cfg = AttentionConfig(d_model, **params)
+        self.d_model, self.n_heads, self.head_dim = d_model, cfg.n_heads, cfg.head_dim
+        self.pos, self.max_seqlen = cfg.pos, cfg.max_seqlen
 
         self.qkv = nn.Linear(d_model, 3 * d_model, bias=False)
         self.out_proj = nn.Linear(d_model, d_model, bias=False)
-        if pos == "rope":
-            inv_freq = 10000.0 ** (-torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-            angles = torch.outer(torch.arange(max_seqlen, dtype=torch.float32), inv_freq)  # (L, hd/2)
+        if cfg.pos == "rope":
+            hd = cfg.head_dim
+            inv_freq = 10000.0 ** (-torch.arange(0, hd, 2, dtype=torch.float32) / hd)
+            angles = torch.outer(torch.arange(cfg.max_seqlen, dtype=torch.float32), inv_freq)  # (L, hd/2)
             self.register_buffer("rope_cos", angles.cos(), persistent=False)
             self.register_buffer("rope_sin", angles.sin(), persistent=False)
 
