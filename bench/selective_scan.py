@@ -126,13 +126,13 @@ def sweep_shape(b, d, l, n):
 def bench_lm(batch=64, seqlen=1024, vocab=8192):
     """A 2-layer Mamba-1 LM (d_model 128, no MLP) training step under bf16 autocast: forward,
     cross-entropy, backward, AdamW. Also with the mixer forced onto the PyTorch reference."""
-    import models.mamba1
+    import models.mixers.mamba1
     from kernels.selective_scan import selective_scan
     from models.lm import LM
 
     def step_ms(backend):
         torch.manual_seed(0)
-        models.mamba1.selective_scan = lambda *a, **k: selective_scan(*a, **k, backend=backend)
+        models.mixers.mamba1.selective_scan = lambda *a, **k: selective_scan(*a, **k, backend=backend)
         try:
             net = LM(vocab_size=vocab, d_model=128, n_layers=2, mixer="mamba1", max_seqlen=seqlen).cuda()
             opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
@@ -148,7 +148,7 @@ def bench_lm(batch=64, seqlen=1024, vocab=8192):
 
             return time_or_oom(step, rep=300)
         finally:
-            models.mamba1.selective_scan = selective_scan
+            models.mixers.mamba1.selective_scan = selective_scan
 
     out = dict(batch=batch, seqlen=seqlen, vocab=vocab)
     for backend in ("triton", "torch"):

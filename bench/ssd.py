@@ -245,10 +245,10 @@ def _kernels():
 def lm_step_ms(backend: str) -> float:
     """One training step (bf16 autocast forward, cross-entropy, backward, AdamW) of the 2-layer Mamba-2 LM."""
     import kernels.ssd
-    import models.mamba2
+    import models.mixers.mamba2
     from models.lm import LM
 
-    models.mamba2.ssd_scan = functools.partial(kernels.ssd.ssd_scan, backend=backend)
+    models.mixers.mamba2.ssd_scan = functools.partial(kernels.ssd.ssd_scan, backend=backend)
     torch.manual_seed(0)
     model = LM(vocab_size=8192, d_model=128, n_layers=2, mixer="mamba2", d_state=64, headdim=32).cuda()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -47,7 +47,7 @@ def make_student(
     Each mixer has one head per teacher head with its own B and C (ngroups = nheads = the teacher's
     n_heads), so head h's SSD matrix can match attention head h; headdim = expand·d_model / n_heads
     (expand=1: x plays the teacher's values, P = the teacher's head_dim).
-    mixer: "mamba2" (models.mamba2.Mamba2) or "discrete" (models.mamba2_discrete.DiscreteMamba2).
+    mixer: "mamba2" (models.mixers.mamba2.Mamba2) or "discrete" (models.mamba2_discrete.DiscreteMamba2).
     d_state: N; None = the teacher's head_dim (B and C play its keys and queries).
     A RoPE teacher gives a student without positions (LM has RoPE in attention layers only).
     """
