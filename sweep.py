@@ -17,21 +17,22 @@ import sys
 
 import torch
 
-import run
 from sweeps import driver, report
 from sweeps.spec import load, split_args
+from training import run
+from training.config import ConfigError, compose, exit_user_error
 
 
 def check_command(argv) -> None:
-    """Raise run.ConfigError, with one line, if `python sweep.py argv` would stop on a mistake: the
+    """Raise ConfigError, with one line, if `python sweep.py argv` would stop on a mistake: the
     sweep config, and for action=run every cell of the grid built (sweeps.driver.check_cells)."""
     flags = [a for a in argv if a.startswith("-")]
     if flags:
-        raise run.ConfigError(f"{flags[0]}: sweep.py takes no flags, only key=value overrides")
+        raise ConfigError(f"{flags[0]}: sweep.py takes no flags, only key=value overrides")
     sweep_args, train_args = split_args(argv)
     hydra_args = [a for a in train_args if a.lstrip("+~").startswith("hydra.")]
     if hydra_args:
-        raise run.ConfigError(f"{hydra_args[0]}: sweep.py takes no hydra.* overrides (each trial's run dir is "
+        raise ConfigError(f"{hydra_args[0]}: sweep.py takes no hydra.* overrides (each trial's run dir is "
                               "under sweep.dir; set that instead)")
 
     def check(cfg):
@@ -50,10 +51,10 @@ def main(argv=None, train=run.train):
         return
     try:
         check_command(argv)
-    except run.ConfigError as e:
-        run.exit_user_error(str(e))
+    except ConfigError as e:
+        exit_user_error(str(e))
     sweep_args, train_args = split_args(argv)
-    cfg = run.compose(sweep_args, config_name="sweep")
+    cfg = compose(sweep_args, config_name="sweep")
     try:
         sweep = load(cfg, train_args)
         if cfg.action == "run":
@@ -65,8 +66,8 @@ def main(argv=None, train=run.train):
         else:
             for path in report.write(sweep):
                 print(path)
-    except run.ConfigError as e:  # the storage cannot be opened, or the study has other settings
-        run.exit_user_error(str(e))
+    except ConfigError as e:  # the storage cannot be opened, or the study has other settings
+        exit_user_error(str(e))
 
 
 if __name__ == "__main__":

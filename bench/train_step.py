@@ -27,9 +27,9 @@ import hydra
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import run
-from models.lit import scored_loss
 from tasks.data import batch_tensors
+from training import run
+from training.lit import scored_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 CELLS = {  # issue #19's table, and a Fig. 8 cell

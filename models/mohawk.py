@@ -11,21 +11,17 @@
 Stages 1 and 2 train only the student's mixers, and every layer on the teacher's own inputs, so the
 layers train independently (one optimiser over all of them is the same as one per layer).
 
-Each stage is a LightningModule, so Lightning's Trainer runs the loops, logging and checkpoints:
-`LayerwiseStage` (stages 1 and 2) and `KnowledgeDistillation` (stage 3: `LitLM` with a KD loss).
+Here: the models' side (the student, the weight transfer, each stage's per-layer errors). The
+LightningModules that train the stages live with the distillation driver, in training/distill.py.
 """
+import copy
 
-
-import lightning as L
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.mixers.attention import Attention
-from models.lit import LitLM, configure_optimizers, scored_logits
 from models.lm import LM
 from models.mamba2_discrete import DiscreteMamba2
-from tasks.base import IGNORE
 
 STUDENT_MIXERS = ("mamba2", "discrete")
 
@@ -102,9 +98,11 @@ def block_inputs(lm: LM, ids: Tensor) -> list[Tensor]:
 
 
 def block_with_mixer(block: nn.Module, mixer: nn.Module, x: Tensor) -> Tensor:
-    """`block` (models.lm.Block) on x with its mixer replaced by `mixer`: the student layer of stage 2."""
-    x = x + mixer(block.norm(x))
-    return x if block.mlp is None else x + block.mlp(block.mlp_norm(x))
+    """`block` (models.lm.Block) on x with its mixer replaced by `mixer`: the student layer of stage 2.
+    The block's own forward, on a shallow copy whose modules are the teacher's but for the mixer."""
+    layer = copy.copy(block)
+    layer._modules = {**block._modules, "mixer": mixer}
+    return layer(x)
 
 
 def matrix_errors(teacher: LM, student: LM, ids: Tensor) -> list[tuple[Tensor, Tensor]]:
@@ -139,91 +137,3 @@ def hidden_errors(teacher: LM, student: LM, ids: Tensor) -> list[tuple[Tensor, T
         rel = diff.flatten(1).norm(dim=1) / (y_teacher - x).flatten(1).norm(dim=1)  # (b,)
         out.append((diff.norm(dim=-1).mean(), rel.mean()))
     return out
-
-
-class _FrozenTeacher:
-    """Keeps `self.teacher` in eval mode when Lightning switches the module to training."""
-
-    def train(self, mode: bool = True):
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-
-class LayerwiseStage(_FrozenTeacher, L.LightningModule):
-    """Stage 1 (matrix orientation) or 2 (hidden-state alignment): the student's mixers, each trained
-    against its teacher layer; the rest of the student is untouched.
-
-    Logs `stage{n}/train/loss` (summed over layers), `stage{n}/train/loss@layer=i`, and on validation
-    `stage{n}/val/{error}` (the relative error, mean over layers) and `stage{n}/val/{error}@layer=i`,
-    with error = matrix_err_rel (stage 1) or hidden_err_rel (stage 2).
-    """
-
-    ERRORS = {1: ("matrix_err_rel", matrix_errors), 2: ("hidden_err_rel", hidden_errors)}
-
-    def __init__(self, stage: int, teacher: LM, student: LM, optimizer, scheduler=None):
-        super().__init__()
-        if stage not in self.ERRORS:
-            raise ValueError(f"stage={stage!r}: must be 1 or 2 (stage 3 is KnowledgeDistillation)")
-        self.stage = f"stage{stage}"
-        self.error, self.errors = self.ERRORS[stage]
-        self.teacher = teacher.requires_grad_(False)
-        self.student = student
-        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
-
-    def training_step(self, batch, batch_idx):
-        per_layer = self.errors(self.teacher, self.student, batch["inputs"])
-        for i, (loss, _) in enumerate(per_layer):
-            self.log(f"{self.stage}/train/loss@layer={i}", loss)
-        loss = torch.stack([loss for loss, _ in per_layer]).sum()
-        self.log(f"{self.stage}/train/loss", loss, prog_bar=True)
-        return loss
-
-    def validation_step(self, batch, batch_idx):
-        rel = torch.stack([rel for _, rel in self.errors(self.teacher, self.student, batch["inputs"])])
-        n = batch["inputs"].shape[0]
-        self.log(f"{self.stage}/val/{self.error}", rel.mean(), batch_size=n)
-        for i, r in enumerate(rel):
-            self.log(f"{self.stage}/val/{self.error}@layer={i}", r, batch_size=n)
-
-    def configure_optimizers(self):
-        mixers = [p for block in self.student.blocks for p in block.mixer.parameters()]
-        return configure_optimizers(self, mixers, self.optimizer_factory, self.scheduler_factory)
-
-
-class KnowledgeDistillation(_FrozenTeacher, LitLM):
-    """Stage 3: `LitLM` (same val/test metrics) training `net` on the teacher's output distribution.
-
-    loss = (1 − hard_weight)·τ²·KL(p_teacher^τ ‖ p_student^τ) + hard_weight·CE(student, labels), at
-    the scored positions only (elsewhere the teacher's distribution is noise the task never asks
-    for); p^τ = softmax(logits / τ), τ = temperature (τ² keeps the gradient's scale independent of τ).
-    """
-
-    def __init__(self, net: LM, teacher: LM, optimizer, scheduler=None, temperature: float = 1.0,
-                 hard_weight: float = 0.0, weight_decay_on: str = "all"):
-        super().__init__(net, optimizer, scheduler, weight_decay_on)
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature={temperature!r}: must be a number > 0")
-        if not (isinstance(hard_weight, (int, float)) and 0 <= hard_weight <= 1):
-            raise ValueError(f"hard_weight={hard_weight!r}: must be a number in [0, 1]")
-        self.teacher = teacher.requires_grad_(False)
-        self.temperature, self.hard_weight = float(temperature), float(hard_weight)
-
-    def training_step(self, batch, batch_idx):
-        inputs, positions, targets = batch["inputs"], batch["positions"], batch["targets"]  # (b, l), (b, S), (b, S)
-        valid = (targets != IGNORE).flatten()  # (b·S,)
-        logits = scored_logits(self.net, inputs, positions).flatten(0, 1)  # (b·S, V)
-        with torch.no_grad():
-            target = scored_logits(self.teacher, inputs, positions).flatten(0, 1)
-        tau = self.temperature
-        kl = F.kl_div(F.log_softmax(logits / tau, -1), F.log_softmax(target / tau, -1), log_target=True,
-                      reduction="none").sum(-1)  # (b·S,)
-        kd = (kl * valid).sum() / valid.sum() * tau**2  # the mean over scored positions
-        hard = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE)
-        loss = (1 - self.hard_weight) * kd + self.hard_weight * hard
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/kd", kd)
-        self.log("train/ce", hard)
-        correct = (logits.argmax(-1) == targets.flatten()) & valid
-        self.log("train/acc", correct.sum() / valid.sum(), prog_bar=True)
-        return loss

@@ -1,5 +1,5 @@
 """The Lightning callback a sweep adds to `run.train`: Optuna pruning on val accuracy (run.train
-itself stops a trial whose loss turns NaN: models.callbacks.FiniteLoss).
+itself stops a trial whose loss turns NaN: training.callbacks.FiniteLoss).
 
 Written here rather than taken from optuna-integration (a separate package) so that the sweep
 depends on optuna alone; the pruning one is a few lines on top of `trial.report/should_prune`.

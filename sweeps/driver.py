@@ -22,11 +22,12 @@ from pathlib import Path
 import optuna
 import torch
 
-import run
 from sweeps import study as studies
 from sweeps.callbacks import OptunaPruning
 from sweeps.extrapolate import evaluate_lengths
 from sweeps.spec import Sweep, cell_name
+from training import run
+from training.config import ConfigError, compose, config_errors, describe_compose_error
 
 
 def check_cells(sweep: Sweep, check=run.build):
@@ -48,14 +49,14 @@ def check_cells(sweep: Sweep, check=run.build):
         overrides = sweep.overrides({**cell, **probe})
         where = f".grid[{cell_name(cell)}]" if cell else ".search"
         try:
-            cfg = run.compose([*overrides, "run_dir=."])
+            cfg = compose([*overrides, "run_dir=."])
         except Exception as e:  # Hydra's own error types: turned into run.py's one-line message
-            raise run.ConfigError(f"sweep{where}: {run._describe_compose_error(e, overrides)}") from None
+            raise ConfigError(f"sweep{where}: {describe_compose_error(e, overrides)}") from None
         try:
-            with run.config_errors(""), torch.device("meta"):
+            with config_errors(""), torch.device("meta"):
                 check(cfg)
-        except run.ConfigError as e:
-            raise run.ConfigError(f"sweep{where}: {e}") from None
+        except ConfigError as e:
+            raise ConfigError(f"sweep{where}: {e}") from None
 
 
 def _optimiser_only(axis) -> bool:
@@ -122,7 +123,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, sweep: Sweep, train) -> 
           flush=True)
     try:
         resume = [f"ckpt_path={_quoted(last)}"] if last is not None else []
-        cfg = run.compose([*sweep.overrides(params), f"run_dir={_quoted(run_dir)}", *resume])
+        cfg = compose([*sweep.overrides(params), f"run_dir={_quoted(run_dir)}", *resume])
         metrics = dict(train(cfg, callbacks=callbacks))
         if sweep.eval is not None:
             metrics.update(evaluate_lengths(cfg, run_dir / "checkpoints" / "best.ckpt", sweep.eval))

@@ -15,6 +15,8 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from training.files import net_weights
+
 OOM = "OOM"
 NO_POSITIONS = "no positions"
 SKIPPED = "skipped"
@@ -26,8 +28,7 @@ def load_net(cfg: DictConfig, checkpoint: Path, max_seqlen: int):
     RoPE tables are not saved (they are recomputed for any length); a learned position table keeps
     its trained size.
     """
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
-    weights = {k.removeprefix("net."): v for k, v in state.items() if k.startswith("net.")}
+    weights = net_weights(checkpoint)
     extend = cfg.model.get("pos") != "learned"
     net = hydra.utils.instantiate(cfg.model, max_seqlen=max_seqlen if extend else cfg.model.max_seqlen)
     net.load_state_dict(weights)

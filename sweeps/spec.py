@@ -24,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
-import run
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
+
+from training.config import compose
 
 ACTIONS = ("run", "report")
 REPORT_KINDS = ("capacity", "table", "extrapolation")
@@ -210,7 +211,7 @@ def load(cfg: DictConfig, train_args=()) -> Sweep:
 def from_overrides(argv) -> Sweep:
     """The Sweep named by a sweep.py command line (e.g. ["sweep=smoke", "sweep.dir=/tmp/s"])."""
     sweep_args, train_args = split_args(argv)
-    return load(run.compose(sweep_args, config_name="sweep"), train_args)
+    return load(compose(sweep_args, config_name="sweep"), train_args)
 
 
 def cell_name(params: dict) -> str:

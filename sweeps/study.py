@@ -27,14 +27,14 @@ import optuna
 import sqlalchemy
 from optuna.trial import TrialState
 
-import run
 from sweeps.spec import Sweep
+from training.config import ConfigError
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 SQLITE_TIMEOUT_S = 120  # a writer waits this long for another process's transaction
 
 
-class StorageError(run.ConfigError):
+class StorageError(ConfigError):
     """The storage URL is malformed, its driver is missing, or the database cannot be reached."""
 
 
@@ -144,10 +144,10 @@ def open_study(sweep: Sweep, sampler=None, pruner=None) -> tuple[optuna.Study, o
     except _OPEN_ERRORS as e:
         raise StorageError(_cannot_open(sweep, e)) from None
     if recorded is not None and list(recorded) != list(sweep.train):
-        raise run.ConfigError(f"sweep.train: study {sweep.study_name!r} was run with train overrides "
+        raise ConfigError(f"sweep.train: study {sweep.study_name!r} was run with train overrides "
                               f"{list(recorded)}, not {sweep.train}; pick another sweep.study_name")
     if study.direction.name.lower() != sweep.direction:
-        raise run.ConfigError(f"sweep.direction={sweep.direction!r}: study {sweep.study_name!r} is "
+        raise ConfigError(f"sweep.direction={sweep.direction!r}: study {sweep.study_name!r} is "
                          f"{study.direction.name.lower()}")
     return study, storage
 
@@ -158,11 +158,11 @@ def load_existing(sweep: Sweep) -> optuna.Study:
     missing = (f"sweep.study_name={sweep.study_name!r}: no such study in {shown(sweep.storage)}; "
                "run the sweep first")
     if url.get_backend_name() == "sqlite" and url.database and not Path(url.database).is_file():
-        raise run.ConfigError(missing)  # (opening it would create an empty database file)
+        raise ConfigError(missing)  # (opening it would create an empty database file)
     try:
         return optuna.load_study(study_name=sweep.study_name, storage=engine_url(sweep.storage))
     except KeyError:
-        raise run.ConfigError(missing) from None
+        raise ConfigError(missing) from None
     except _OPEN_ERRORS as e:
         raise StorageError(_cannot_open(sweep, e)) from None
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import run
-from models.lit import LitLM
+from training import run
+from training.lit import LitLM
 from tasks.data import TaskDataModule
 
 CONF = Path(run.CONF_DIR)

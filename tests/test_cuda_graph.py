@@ -1,10 +1,10 @@
-"""The captured training step (`models.lit.CapturedStep`): on the GPU it trains as the eager step does,
+"""The captured training step (`training.lit.CapturedStep`): on the GPU it trains as the eager step does,
 through validations, partial last batches and Lightning's gradient resets; elsewhere it is off."""
 import lightning as L
 import pytest
 import torch
 
-import run
+from training import run
 
 # 3,000 examples in batches of 64: 46 full batches and one of 56, so over 200 steps both shapes get
 # captured, and 4 validations (each resets the gradients to None) fall between replays.

@@ -2,7 +2,6 @@
 and distill.py end to end (artefacts, ablation report, one-line errors)."""
 import copy
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,19 +11,17 @@ import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
 
-import run
 from kernels.ssd import ssd_scan
 from models.lm import LM
 from models.mamba2_discrete import DiscreteMamba2
 from models.mixers.attention import Attention
 from models.mixers.mamba2 import Mamba2
 from tasks.data import scored
-from models.mohawk import (KnowledgeDistillation, block_inputs, block_with_mixer, hidden_errors, make_student,
-                           matrix_errors, transfer_weights)
+from models.mohawk import block_inputs, block_with_mixer, hidden_errors, make_student, matrix_errors, transfer_weights
+from training import distill, run
+from training.distill import KnowledgeDistillation
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # distill.py is a script at the repo root
-import distill  # noqa: E402
 
 D_MODEL, BATCH, SEQLEN = 16, 2, 11
 VOCAB = 16

@@ -28,9 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-import distill
-import run
 import sweep
+from training import distill, run
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -161,7 +160,7 @@ def _add_readme_files_and_test(tmp_path, paths: str, expected: list[str], pytest
                            cwd=repo, capture_output=True, text=True, timeout=300)
     passed = re.search(r"\b(\d+) passed", tests.stdout)
     assert tests.returncode == 0 and passed, tests.stdout + tests.stderr
-    built = subprocess.run([sys.executable, "-c", f"import run; run.check_command({overrides!r})"],
+    built = subprocess.run([sys.executable, "-c", f"from training import run; run.check_command({overrides!r})"],
                            cwd=repo, capture_output=True, text=True, timeout=300)
     assert built.returncode == 0, built.stderr
     return int(passed.group(1))

@@ -7,7 +7,7 @@ README "Recipe" has the measurements for each choice.
 """
 import pytest
 
-import run
+from training import run
 
 # Optimiser steps (313 an epoch) within which each default must reach 0.99 val accuracy at V=8192,
 # on its own schedule (trainer.max_steps would shorten the cosine decay: attention then stopped at

@@ -16,9 +16,9 @@ from nbclient import NotebookClient
 from optuna.trial import TrialState
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-import run
 import sweep
 from sweeps import driver, report
+from training import run
 from sweeps.callbacks import OptunaPruning
 from sweeps.spec import from_overrides
 from sweeps.study import CellView

@@ -10,9 +10,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-import run
-from models.callbacks import Diverged, FiniteLoss
-from models.lit import stepped_linear, warmup_cosine
+from training import run
+from training.callbacks import Diverged, FiniteLoss
+from training.lit import stepped_linear, warmup_cosine
 
 TINY = ["task.num_train=4000", "task.num_val=200", "task.num_test=200", "task.batch_size=64",
         "trainer.accelerator=cpu", "trainer.enable_progress_bar=false", "trainer.log_every_n_steps=5"]

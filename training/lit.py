@@ -196,7 +196,7 @@ class LitLM(L.LightningModule):
         losses, accs = zip(*self._window)
         self._window.clear()
         # Not prog_bar metrics (Lightning reads those to the host after every step); the bar reads them
-        # from the logged metrics at its redraws (models.callbacks.ProgressBar).
+        # from the logged metrics at its redraws (training.callbacks.ProgressBar).
         self.log("train/loss", torch.stack(losses).mean())
         self.log("train/acc", torch.stack(accs).mean())
 
