@@ -29,11 +29,8 @@ from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSw
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 
-from training.config import compose
-
-ACTIONS = ("run", "report")
-REPORT_KINDS = ("capacity", "table", "extrapolation")
-DIRECTIONS = ("maximize", "minimize")
+from training.config import check_schema, compose
+from training.schemas import SweepCommand
 
 
 @dataclass(frozen=True)
@@ -56,7 +53,7 @@ class Slot:
 
 @dataclass
 class Sweep:
-    """A checked sweep definition; `from_cfg` turns every mistake into a one-line ValueError."""
+    """A checked sweep definition (`load` checks the config, `from_cfg` the grid and search)."""
 
     name: str
     study_name: str
@@ -84,49 +81,29 @@ class Sweep:
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_cfg(cls, cfg: DictConfig, extra_train=()) -> "Sweep":
-        """`cfg` is the `sweep` node; `extra_train` are train overrides given on the command line."""
-        if OmegaConf.is_missing(cfg, "name"):
-            raise ValueError("sweep.name: missing (conf/sweep/base.yaml is what presets start from, "
-                             "not a sweep itself)")
+        """`cfg` is the `sweep` node, composed onto its schema and checked (`load`); `extra_train` are
+        train overrides given on the command line."""
         c = OmegaConf.to_container(cfg, resolve=True)
-        name = _string("name", c["name"])
-        study_name = _string("study_name", c["study_name"])
-        directory = Path(_string("dir", c["dir"])).resolve()
-        storage = c["storage"]
-        if storage is None:
-            storage = f"sqlite:///{directory / 'study.db'}"
-        storage = _string("storage", storage)
-        train = [_string("train[]", o) for o in _list("train", c["train"])] + list(extra_train)
-        axes = [_axis(i, item) for i, item in enumerate(_list("grid", c["grid"]))]
-        search = dict(_search(i, item) for i, item in enumerate(_list("search", c["search"])))
+        directory = Path(c["dir"]).resolve()
+        axes = [_axis(i, item) for i, item in enumerate(c["grid"])]
+        search = dict(_search(i, item) for i, item in enumerate(c["search"]))
         names = [a.name for a in axes] + list(search)
         if len(set(names)) != len(names):
             dup = next(n for n in names if names.count(n) > 1)
             raise ValueError(f"sweep.grid/search: parameter {dup!r} appears twice; each key is one axis")
         if not axes and not search:
             raise ValueError("sweep.grid=[]: empty; give at least one grid axis or a sweep.search space")
-        trials_per_cell = _positive("trials_per_cell", c["trials_per_cell"])
-        n_trials = c["n_trials"]
-        if n_trials is not None:
-            n_trials = _positive("n_trials", n_trials)
-        direction = c["direction"]
-        if direction not in DIRECTIONS:
-            raise ValueError(f"sweep.direction={direction!r}: must be one of {', '.join(DIRECTIONS)}")
-        heartbeat = _positive("heartbeat_interval", c["heartbeat_interval"])
-        grace = c["grace_period"]
-        if grace is not None and (_positive("grace_period", grace) <= heartbeat):
-            raise ValueError(f"sweep.grace_period={grace}: must exceed heartbeat_interval={heartbeat}")
-        retries = c["max_retries"]
-        if not (isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0):
-            raise ValueError(f"sweep.max_retries={retries!r}: must be a non-negative integer")
+        if c["grace_period"] is not None and c["grace_period"] <= c["heartbeat_interval"]:
+            raise ValueError(f"sweep.grace_period={c['grace_period']}: must exceed "
+                             f"heartbeat_interval={c['heartbeat_interval']}")
         sweep = cls(
-            name=name, study_name=study_name, dir=directory, storage=storage, train=train, axes=axes,
-            search=search, trials_per_cell=trials_per_cell, n_trials=n_trials,
-            objective=_string("objective", c["objective"]), direction=direction,
-            sampler=_sampler(c["sampler"]), pruner=_pruner(c["pruner"]), heartbeat_interval=heartbeat,
-            grace_period=grace, max_retries=retries, workers_per_gpu=_positive("workers_per_gpu", c["workers_per_gpu"]),
-            eval=_eval(c["eval"]), report=_report(c["report"]), paper=_paper(c["paper"]),
-            description=c.get("description") or "",
+            name=c["name"], study_name=c["study_name"], dir=directory,
+            storage=c["storage"] or f"sqlite:///{directory / 'study.db'}", train=c["train"] + list(extra_train),
+            axes=axes, search=search, trials_per_cell=c["trials_per_cell"], n_trials=c["n_trials"],
+            objective=c["objective"], direction=c["direction"], sampler=c["sampler"], pruner=c["pruner"],
+            heartbeat_interval=c["heartbeat_interval"], grace_period=c["grace_period"],
+            max_retries=c["max_retries"], workers_per_gpu=c["workers_per_gpu"], eval=c["eval"],
+            report=c["report"], paper=c["paper"], description=c["description"],
         )
         sweep._check_counts()
         return sweep
@@ -200,8 +177,10 @@ def split_args(argv) -> tuple[list[str], list[str]]:
 
 def load(cfg: DictConfig, train_args=()) -> Sweep:
     """The Sweep of a composed `conf/sweep.yaml` (checked, but its cells are not built here)."""
-    if cfg.action not in ACTIONS:
-        raise ValueError(f"action={cfg.action!r}: must be one of {', '.join(ACTIONS)}")
+    if OmegaConf.is_missing(cfg.sweep, "name"):
+        raise ValueError("sweep.name: missing (conf/sweep/base.yaml is what presets start from, "
+                         "not a sweep itself)")
+    check_schema(cfg, SweepCommand)  # types and ranges (training.schemas.SweepConfig)
     sweep = Sweep.from_cfg(cfg.sweep, extra_train=train_args)
     check_report_axes(sweep)
     check_paper(sweep)
@@ -225,26 +204,6 @@ def cell_name(params: dict) -> str:
 
 # -- parsing helpers -----------------------------------------------------------------------------
 _PARSER = OverridesParser.create()
-
-
-def _string(key, value):
-    if not isinstance(value, str) or not value:
-        raise ValueError(f"sweep.{key}={value!r}: must be a non-empty string")
-    return value
-
-
-def _positive(key, value):
-    if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
-        raise ValueError(f"sweep.{key}={value!r}: must be a positive integer")
-    return value
-
-
-def _list(key, value):
-    if value is None:
-        return []
-    if not isinstance(value, list):
-        raise ValueError(f"sweep.{key}={value!r}: must be a list")
-    return value
 
 
 def _literal(value) -> str:
@@ -316,57 +275,6 @@ def _search(i, item):
                      "(tag(log, ..) / int(..) allowed) or '{key}=choice(a, b, ..)'")
 
 
-def _mapping(key, value, allowed: dict):
-    """A small config mapping with known keys and defaults (strict: unknown keys are errors)."""
-    if value is None:
-        value = {}
-    if not isinstance(value, dict):
-        raise ValueError(f"sweep.{key}={value!r}: must be a mapping")
-    unknown = sorted(set(value) - set(allowed))
-    if unknown:
-        raise ValueError(f"sweep.{key}.{unknown[0]}: unknown key; allowed: {', '.join(allowed)}")
-    return {**allowed, **value}
-
-
-def _sampler(value):
-    out = _mapping("sampler", value, {"n_startup_trials": 4, "seed": None})
-    _positive("sampler.n_startup_trials", out["n_startup_trials"])
-    return out
-
-
-def _pruner(value):
-    if value is None:
-        return None
-    out = _mapping("pruner", value, {"monitor": "val/acc", "n_startup_trials": 2, "n_warmup_steps": 0})
-    _string("pruner.monitor", out["monitor"])
-    return out
-
-
-def _eval(value):
-    if value is None:
-        return None
-    out = _mapping("eval", value, {"lengths": [], "num_examples": 64, "batch_tokens": 2**20,
-                                   "chunk_len": 4096, "seed": 12345, "max_seconds": 1800})
-    lengths = _list("eval.lengths", out["lengths"])
-    if not lengths:
-        raise ValueError("sweep.eval.lengths=[]: list the sequence lengths to evaluate at")
-    for n in lengths:
-        _positive("eval.lengths[]", n)
-    for key in ("num_examples", "batch_tokens", "chunk_len", "max_seconds"):
-        _positive(f"eval.{key}", out[key])
-    return out
-
-
-def _paper(value):
-    if value is None:
-        return None
-    out = _mapping("paper", value, {"source": None, "values": None})
-    _string("paper.source", out["source"])
-    if not isinstance(out["values"], dict) or not out["values"]:
-        raise ValueError(f"sweep.paper.values={out['values']!r}: must map the reported cells to the paper's values")
-    return out
-
-
 def check_paper(sweep: Sweep):
     """The paper's values nest by the reported cell axes, in grid order, each key a label of its
     axis (numbers and strings alike, compared as text); a leaf is an accuracy in [0, 1], or for an
@@ -412,15 +320,6 @@ def paper_value(sweep: Sweep, cell: dict):
             return None
         node = {str(k): v for k, v in node.items()}.get(str(cell[axis.name]))
     return node
-
-
-def _report(value):
-    out = _mapping("report", value, {"kind": "capacity", "x": None, "hue": None, "panel": None,
-                                     "best_over": [], "title": None, "ylabel": None,
-                                     "train_len": None})
-    if out["kind"] not in REPORT_KINDS:
-        raise ValueError(f"sweep.report.kind={out['kind']!r}: must be one of {', '.join(REPORT_KINDS)}")
-    return out
 
 
 def check_report_axes(sweep: Sweep):

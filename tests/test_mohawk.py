@@ -354,7 +354,7 @@ def test_bad_input_is_one_clear_line(case, tmp_path):
     assert_user_error("distill.py", overrides, expected, tmp_path / "run")
 
 
-@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "experiment").glob("mohawk*.yaml")))
+@pytest.mark.parametrize("experiment", sorted(p.stem for p in (ROOT / "conf" / "distill" / "experiment").glob("*.yaml")))
 @pytest.mark.parametrize("student", ["mamba2", "discrete"])
 def test_presets_build(experiment, student):
     # A GPU preset on a machine without one is refused (tests/test_cli.py); CI builds it for the CPU.

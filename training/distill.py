@@ -19,11 +19,12 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from models.lm import LM
 from models.mohawk import check_teacher, hidden_errors, matrix_errors, transfer_weights
-from tasks.base import IGNORE, check_positive_int
+from tasks.base import IGNORE
 from training import run
-from training.config import ConfigError, config_errors
+from training.config import ConfigError, check_schema, config_errors
 from training.files import net_weights, write_json
 from training.lit import LitLM, configure_optimizers, scored_logits
+from training.schemas import DistillConfig
 
 
 # -- the teacher ----------------------------------------------------------------------------------
@@ -76,14 +77,6 @@ def teacher_config(cfg: DictConfig, run_dir: Path) -> DictConfig:
 
 
 # -- validation -----------------------------------------------------------------------------------
-def _stage_list(name, stages) -> list[int]:
-    stages = list(stages) if OmegaConf.is_list(stages) else stages
-    if not (isinstance(stages, list) and stages and all(s in (1, 2, 3) and not isinstance(s, bool) for s in stages)
-            and stages == sorted(set(stages))):
-        raise ConfigError(f"{name}={stages!r}: must be a non-empty increasing list of stages from 1, 2, 3")
-    return stages
-
-
 def stage_tokens(cfg: DictConfig, stages: list[int]) -> dict[int, int]:
     """Student tokens of each stage: stages 1 and 2 their own budget, stage 3 what is left of total."""
     tokens = {s: cfg[f"stage{s}"].tokens for s in stages if s != 3}
@@ -101,6 +94,7 @@ def build(cfg: DictConfig):
     Returns (datamodule, teacher LM (untrained when it is to be trained here), student factory,
     the list of stage lists to run).
     """
+    check_schema(cfg, DistillConfig)
     if cfg.teacher is None:
         _, module = run.build(teacher_config(cfg, Path(".")))
         teacher = module.net
@@ -123,16 +117,7 @@ def build(cfg: DictConfig):
         make_student = hydra.utils.instantiate(cfg.student)
         make_student(teacher)
 
-    if cfg.ablation is None:
-        variants = [_stage_list("stages", cfg.stages)]
-    elif OmegaConf.is_list(cfg.ablation) and len(cfg.ablation) > 0:
-        variants = [_stage_list(f"ablation[{i}]", s) for i, s in enumerate(cfg.ablation)]
-    else:
-        raise ConfigError(f"ablation={cfg.ablation!r}: must be null or a non-empty list of stage lists, "
-                          "e.g. [[3],[2,3],[1,2,3]]")
-    with config_errors(""):
-        for name in ("total_tokens", "stage1.tokens", "stage2.tokens", "evals_per_stage"):
-            check_positive_int(name, OmegaConf.select(cfg, name))
+    variants = [list(cfg.stages)] if cfg.ablation is None else [list(s) for s in cfg.ablation]
     for stages in variants:
         stage_tokens(cfg, stages)
     for group in ("stage1.optimizer", "stage2.optimizer", "stage3.optimizer"):
@@ -141,8 +126,6 @@ def build(cfg: DictConfig):
     with config_errors("stage3"):
         KnowledgeDistillation(teacher, teacher, None, temperature=cfg.stage3.temperature,
                               hard_weight=cfg.stage3.hard_weight)
-    if not isinstance(cfg.scratch, bool):
-        raise ConfigError(f"scratch={cfg.scratch!r}: must be true or false")
     return datamodule, teacher, make_student, variants
 
 

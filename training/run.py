@@ -7,6 +7,7 @@ a command line as a script runs it, so that a mistake is one line with nothing w
 import contextlib
 import ctypes
 import ctypes.util
+import dataclasses
 import functools
 import json
 import logging
@@ -31,15 +32,15 @@ from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from training.callbacks import Diverged, FiniteLoss, ProgressBar, Throughput
-from training.config import (CONF_DIR, ConfigError, compose, config_errors, describe_compose_error, exit_user_error,
-                             show)
+from training.config import (CONF_DIR, ConfigError, check_schema, compose, config_errors, describe_compose_error,
+                             exit_user_error, show)
 from training.files import load_checkpoint, write_json
 from training.lit import LitLM
+from training.schemas import TrainConfig
 
 DIVERGED_EXIT = 1
-# The top level of conf/train.yaml: an experiment preset that adds other keys belongs to another script.
-CONFIG_KEYS = ("task", "model", "trainer", "logger", "optimizer", "scheduler", "weight_decay_on", "cuda_graph",
-               "seed", "target_acc", "ckpt_path", "run_dir")
+# The top level of conf/train.yaml (what distill.py passes on to train its teacher).
+CONFIG_KEYS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # What a resume may change: how long the run trains, where, and how it reports. Anything else
 # would make it another run. The first two may grow, not shrink.
 LONGER = ("trainer.max_epochs", "trainer.max_steps")
@@ -157,10 +158,7 @@ def build(cfg: DictConfig):
 
     Returns: (datamodule, LitLM).
     """
-    extra = sorted(set(cfg) - set(CONFIG_KEYS))
-    if extra:
-        raise ConfigError(f"{extra[0]}: not a run.py setting (an experiment preset of distill.py?); "
-                          f"run.py takes {', '.join(CONFIG_KEYS)}")
+    check_schema(cfg, TrainConfig)
     with config_errors("task", cfg.task):
         datamodule = hydra.utils.instantiate(cfg.task)
     with config_errors("model", cfg.model):
@@ -174,9 +172,6 @@ def build(cfg: DictConfig):
         scheduler = hydra.utils.instantiate(cfg.scheduler) if cfg.scheduler is not None else None
         if scheduler is not None:
             scheduler(probe, 100)
-    target = cfg.target_acc
-    if target is not None and not (isinstance(target, (int, float)) and 0 < target <= 1):
-        raise ConfigError(f"target_acc={target!r}: must be a number in (0, 1], or null")
     check_trainer(cfg.trainer)
     if cfg.cuda_graph and str(cfg.trainer.get("precision")) in ("16", "16-mixed"):
         raise ConfigError(f"cuda_graph=true: not with trainer.precision={cfg.trainer.precision} (its loss scaling "
