@@ -29,6 +29,10 @@ BAD = {
     "bool": ("train", ["task.fresh_train=maybe"], "task.fresh_train='maybe': must be true or false"),
     "rule-type": ("train", ["target_acc=abc"], "target_acc='abc': must be a number in (0, 1], or null"),
     "choice": ("train", ["weight_decay_on=norms"], "weight_decay_on='norms': must be one of all, matrices"),
+    "type": ("train", ["seed=abc"], "seed='abc': must be an integer"),
+    "strict-bool": ("train", ["cuda_graph=3"], "cuda_graph=3: must be true or false"),  # omegaconf would take it
+    # a wrong type in a node Hydra builds: what its constructor says (the task's own check)
+    "task-type": ("train", ["task.seq_len=abc"], "task.seq_len='abc': must be a positive integer"),
     "range": ("train", ["target_acc=2"], "target_acc=2: must be a number in (0, 1], or null"),
     "stage-lists": ("distill", ["ablation=3"],
                     "ablation=3: must be null or a non-empty list of stage lists, e.g. [[3],[2,3],[1,2,3]]"),

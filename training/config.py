@@ -96,8 +96,9 @@ def describe_compose_error(e: Exception, overrides, config_name="train") -> str:
         rule = _allowed(cause, config_name, types=False)
         if rule is not None:
             return f"{wrong}: must be {rule}"
+        said = _allowed(cause, config_name, types=True)
         return _built_with(cause, overrides, config_name) or \
-            f"{wrong}: must be {_allowed(cause, config_name, types=True) or str(cause).strip().splitlines()[0]}"
+            f"{wrong}: {f'must be {said}' if said else str(cause).strip().splitlines()[0]}"
     return str(e).strip().splitlines()[0]
 
 
@@ -119,6 +120,8 @@ def _built_with(error: ValidationError, overrides, config_name: str) -> str | No
     model's own checks declare its ranges (tasks/, models/), so `task.seq_len=abc` reads as
     `task.seq_len=0` does. The node is composed with the command's group choices, without the value."""
     group, _, key = error.full_key.rpartition(".")
+    if "[" in key:  # an element of a list: said by its type
+        return None
     groups = {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
     choices = [o for o in overrides if o.split("=", 1)[0] in groups]
     try:
@@ -130,7 +133,7 @@ def _built_with(error: ValidationError, overrides, config_name: str) -> str | No
         return None
     values[key] = error.value
     try:
-        with config_errors(group, OmegaConf.create(values)):
+        with config_errors(group, OmegaConf.create(values), catch=Exception):
             hydra.utils.instantiate(values)
     except ConfigError as e:
         return str(e)

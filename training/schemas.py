@@ -40,6 +40,8 @@ def _stages(v) -> bool:
     return isinstance(v, list) and bool(v) and all(_int(s) and s in (1, 2, 3) for s in v) and v == sorted(set(v))
 
 
+# A true/false setting is declared `Any` with this rule: omegaconf would take 3 or "yes" for true.
+BOOL = Rule("true or false", lambda v: isinstance(v, bool))
 POSITIVE = Rule("a positive integer", lambda v: _int(v) and v > 0)
 NON_NEGATIVE = Rule("a non-negative integer", lambda v: _int(v) and v >= 0)
 NON_EMPTY = Rule("a non-empty string", lambda v: isinstance(v, str) and v != "")
@@ -86,7 +88,7 @@ class TrainConfig:
     run_dir: str = MISSING
     optimizer: Any = MISSING
     weight_decay_on: str = setting(one_of(*WEIGHT_DECAY_ON))
-    cuda_graph: bool = MISSING
+    cuda_graph: Any = setting(BOOL)
     scheduler: Any = MISSING
 
 
@@ -115,9 +117,10 @@ class DistillConfig:
     trainer: Any = MISSING
     logger: Any = MISSING
     teacher: Optional[str] = MISSING
-    stages: List[int] = setting(STAGES)
-    ablation: Optional[List[List[int]]] = setting(STAGE_LISTS, each=STAGES)
-    scratch: bool = MISSING
+    # Lists of Any: the rules say what their elements must be, for any element.
+    stages: List[Any] = setting(STAGES)
+    ablation: Optional[List[Any]] = setting(STAGE_LISTS, each=STAGES)
+    scratch: Any = setting(BOOL)
     total_tokens: int = setting(POSITIVE)
     evals_per_stage: int = setting(POSITIVE)
     stage1: StageConfig = MISSING
@@ -127,7 +130,7 @@ class DistillConfig:
     target_acc: Optional[float] = setting(TARGET_ACC)
     optimizer: Any = MISSING
     weight_decay_on: str = setting(one_of(*WEIGHT_DECAY_ON))
-    cuda_graph: bool = MISSING
+    cuda_graph: Any = setting(BOOL)
     scheduler: Any = MISSING
     run_dir: str = MISSING
 
@@ -224,8 +227,8 @@ class DataConfig:
     num_test: int = MISSING
     batch_size: int = MISSING
     seed: int = MISSING
-    test_seq_lens: List[int] = MISSING
-    fresh_train: bool = MISSING
+    test_seq_lens: List[Any] = MISSING  # lengths: checked by TaskDataModule
+    fresh_train: Any = MISSING  # true or false (typed Any: see BOOL)
     curriculum: Any = MISSING  # stages: checked by tasks.data.parse_curriculum
     curriculum_cycle: bool = MISSING
 
@@ -233,7 +236,8 @@ class DataConfig:
 def task_schema(name: str) -> type:
     """conf/task/<name>.yaml: the task's own dataclass fields (tasks/<name>.py, defaults and all),
     then the data's; the task checks its values when it is built."""
-    task_fields = [(f.name, f.type, field(default=f.default, default_factory=f.default_factory))
+    task_fields = [(f.name, Any if f.type is bool else f.type,  # see BOOL; the task checks its own
+                    field(default=f.default, default_factory=f.default_factory))
                    for f in dataclasses.fields(tasks.task_class(name)) if f.init]
     data_fields = [(f.name, f.type, f.default) for f in dataclasses.fields(DataConfig)]
     return dataclasses.make_dataclass(f"{tasks.task_class(name).__name__}Config",
