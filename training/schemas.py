@@ -230,7 +230,7 @@ class DataConfig:
     test_seq_lens: List[Any] = MISSING  # lengths: checked by TaskDataModule
     fresh_train: Any = MISSING  # true or false (typed Any: see BOOL)
     curriculum: Any = MISSING  # stages: checked by tasks.data.parse_curriculum
-    curriculum_cycle: bool = MISSING
+    curriculum_cycle: Any = MISSING  # true or false (see fresh_train)
 
 
 def task_schema(name: str) -> type:
