@@ -69,8 +69,8 @@ def test_what_the_sweep_schema_refuses_is_one_line(case):
 
 
 def test_a_sweep_may_carry_the_papers_numbers():
-    spec = from_overrides(["sweep=smoke", "sweep.paper={source:'Zoology Fig. 2',values:{attention:{64:0.9}}}"])
-    assert spec.paper == {"source": "Zoology Fig. 2", "values": {"attention": {64: 0.9}}}
+    spec = from_overrides(["sweep=smoke", "sweep.paper={source:'Zoology Fig. 2',values:{attention:{32:0.9}}}"])
+    assert spec.paper == {"source": "Zoology Fig. 2", "values": {"attention": {32: 0.9}}}
     assert from_overrides(["sweep=smoke"]).paper is None
 
 

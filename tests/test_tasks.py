@@ -25,7 +25,7 @@ def params_of(name) -> dict:
     module_keys = {p.name for p in inspect.signature(TaskDataModule).parameters.values()
                    if p.kind is not p.VAR_KEYWORD}
     return {k: v for k, v in OmegaConf.to_container(OmegaConf.load(path)).items()
-            if k not in module_keys and k != "_target_"}
+            if k not in module_keys and k not in ("_target_", "defaults")}
 
 
 # Data is made on the training device: every task's contract and semantics hold on the GPU too.
