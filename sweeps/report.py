@@ -258,10 +258,9 @@ def layout(sweep: Sweep, best: list[dict]) -> tuple[Figure, list[str], list[list
     compared = ["paper", "difference"] if sweep.paper else []
     header = axes + [sweep.objective] + compared + extra
     rows = [[r[a] for a in axes] + [r["value"]] + [r[c] for c in compared] + [r.get(p) for p in extra] for r in best]
-    if kind == "table":
-        short = [row[:len(axes) + 1 + len(compared[:1])] for row in rows]
-        paper = ["paper (%)"] if sweep.paper else []
-        return table_figure(sweep, axes + [f"{sweep.objective} (%)"] + paper, short), header, rows
+    if kind == "table":  # the figure shows ours and the paper's, in %
+        shown = [*axes, f"{sweep.objective} (%)", *(f"{c} (%)" for c in compared[:1])]
+        return table_figure(sweep, shown, [row[:len(shown)] for row in rows]), header, rows
     return capacity_figure(sweep, best), header, rows
 
 
