@@ -74,9 +74,9 @@ DIRECTIONS = ("maximize", "minimize")
 
 
 @dataclass
-class TrainConfig:
-    """conf/train.yaml. The groups (task, model, trainer, logger) and the optimiser and scheduler
-    (`_partial_` constructors) are checked by what builds them."""
+class TrainingConfig:
+    """What run.py's runs and distill.py's teacher both train with. The groups (task, model, trainer,
+    logger) and the optimiser and scheduler (`_partial_` constructors) are checked by what builds them."""
 
     task: Any = MISSING
     model: Any = MISSING
@@ -84,12 +84,18 @@ class TrainConfig:
     logger: Any = MISSING
     seed: int = MISSING
     target_acc: Optional[float] = setting(TARGET_ACC)
-    ckpt_path: Optional[str] = MISSING
     run_dir: str = MISSING
     optimizer: Any = MISSING
     weight_decay_on: str = setting(one_of(*WEIGHT_DECAY_ON))
     cuda_graph: Any = setting(BOOL)
     scheduler: Any = MISSING
+
+
+@dataclass
+class TrainConfig(TrainingConfig):
+    """conf/train.yaml."""
+
+    ckpt_path: Optional[str] = MISSING
 
 
 @dataclass
@@ -108,14 +114,10 @@ class DistillationConfig:
 
 
 @dataclass
-class DistillConfig:
+class DistillConfig(TrainingConfig):
     """conf/distill.yaml: the teacher's training settings (as run.py's) and the stages'."""
 
-    task: Any = MISSING
-    model: Any = MISSING
     student: Any = MISSING
-    trainer: Any = MISSING
-    logger: Any = MISSING
     teacher: Optional[str] = MISSING
     # Lists of Any: the rules say what their elements must be, for any element.
     stages: List[Any] = setting(STAGES)
@@ -126,13 +128,6 @@ class DistillConfig:
     stage1: StageConfig = MISSING
     stage2: StageConfig = MISSING
     stage3: DistillationConfig = MISSING
-    seed: int = MISSING
-    target_acc: Optional[float] = setting(TARGET_ACC)
-    optimizer: Any = MISSING
-    weight_decay_on: str = setting(one_of(*WEIGHT_DECAY_ON))
-    cuda_graph: Any = setting(BOOL)
-    scheduler: Any = MISSING
-    run_dir: str = MISSING
 
 
 # -- sweep.py -------------------------------------------------------------------------------------
