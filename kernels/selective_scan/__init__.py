@@ -62,8 +62,8 @@ def selective_state_update(
 ) -> Tensor:
     """One token of selective_scan; updates `state` (batch, dim, d_state) fp32 in place.
 
-    x, dt, z: (batch, dim), B, C: (batch, d_state) or (batch, ngroups, d_state).
-    Returns y: (batch, dim) in x.dtype.
+    x, dt, z: (batch, dim), A: (dim, d_state), B, C: (batch, d_state) or (batch, ngroups, d_state),
+    D, dt_bias: (dim,). Returns y: (batch, dim) in x.dtype.
     """
     impl = load_backend(_TRITON, backend, x)
     update = selective_state_update_ref if impl is None else impl.selective_state_update_triton

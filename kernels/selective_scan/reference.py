@@ -86,25 +86,10 @@ class _ScanFn(torch.autograd.Function):
             return d_log_delta + d_delta_u * u, d_delta_u * delta, dA, dB, dC
 
 
-def selective_scan_ref(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Selective scan over the whole length, token by token in place, with a closed-form backward
-    (see _ScanFn).
-
-    u, delta, z: (b, d, l), A: (d, n), B, C: (b, n, l) or (b, g, n, l), D, delta_bias: (d,).
-    Returns y: (b, d, l) in u.dtype, and the last state (b, d, n) when return_last_state.
-    Materialises h for every token, d·n values each.
-    """
+def selective_scan_ref(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                       return_last_state=False):
+    """`kernels.selective_scan.selective_scan` (shapes, semantics) token by token in place, with a closed-form
+    backward (see _ScanFn). Materialises h for every token, d·n values each."""
     batch, d, l = u.shape
     B, C = _groups(B), _groups(C)
     g, n = B.shape[1:3]
@@ -135,19 +120,10 @@ def _recurrence_step(
     return state, (state * C).sum(-1)
 
 
-def selective_scan_naive(
-    u: Tensor,
-    delta: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    delta_bias: Tensor | None = None,
-    delta_softplus: bool = False,
-    return_last_state: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """The recurrence token by token: the test oracle (give it fp64 inputs). Shapes as selective_scan_ref."""
+def selective_scan_naive(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                         return_last_state=False):
+    """`kernels.selective_scan.selective_scan` (shapes, semantics) as the recurrence token by token: the test
+    oracle (give it fp64 inputs)."""
     batch, d, _ = u.shape
     B, C = _groups(B), _groups(C)
     g, n = B.shape[1:3]
@@ -166,23 +142,9 @@ def selective_scan_naive(
 
 
 @torch.no_grad()
-def selective_state_update_ref(
-    state: Tensor,
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    dt_bias: Tensor | None = None,
-    dt_softplus: bool = False,
-) -> Tensor:
-    """One token of the selective scan (decoding); updates `state` in place.
-
-    state: (b, d, n) fp32, x, dt, z: (b, d), A: (d, n), B, C: (b, n) or (b, g, n), D, dt_bias: (d,).
-    Returns y: (b, d) in x.dtype. Not differentiable (decoding only).
-    """
+def selective_state_update_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """`kernels.selective_scan.selective_state_update` (shapes, semantics): one token, `state` updated in place.
+    Not differentiable (decoding only)."""
     B = B[:, None] if B.dim() == 2 else B  # (b, g, n)
     C = C[:, None] if C.dim() == 2 else C
     check_groups(x.shape[1], B.shape[1], "dim")

@@ -315,10 +315,10 @@ _SCAN_BWD_KEY = ["chunk_size", "headdim", "dstate", "heads_per_split", "IS_FP32"
 
 
 @triton.jit
-def _scan_bwd_program(seqlen, chunk_size, heads_per_group, heads_per_split, ngroups):
+def _scan_bwd_program(seqlen, chunk_size, heads_per_group, heads_per_split, ngroups, BLOCK_M: tl.constexpr):
     """What a program of the two scan backward kernels owns, from its grid index (row block, chunk,
-    b·g·split): (row block, chunk, nchunks, batch, group, split of the group's heads, the chunk's
-    first token and its length)."""
+    b·g·split): (its first row m0, chunk, nchunks, batch (int64), group, split of the group's heads, the
+    chunk's first token and its length). A short last chunk leaves the last row blocks with m0 ≥ its length."""
     pid_m = tl.program_id(0)
     c = tl.program_id(1)
     pid_bgs = tl.program_id(2)
@@ -329,7 +329,29 @@ def _scan_bwd_program(seqlen, chunk_size, heads_per_group, heads_per_split, ngro
     split = pid_bgs % nsplit
     start = c * chunk_size
     chunk_len = tl.minimum(chunk_size, seqlen - start)
-    return pid_m, c, nchunks, b, gg, split, start, chunk_len
+    return pid_m * BLOCK_M, c, nchunks, b.to(tl.int64), gg, split, start, chunk_len
+
+
+@triton.jit
+def _scan_bwd_tile(m0, chunk_len, b64, gg, start, B_ptr, C_ptr, nheads, headdim, dstate,
+                   s_B_b, s_B_l, s_B_g, s_C_b, s_C_l, s_C_g,
+                   BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The program's tile, rows m0… of its chunk: the row, P and N offsets and their masks (alone and paired),
+    the chunk's first token of B and of C in the group, and the rows' (M, P) offsets in a contiguous
+    (b, l, h, p) tensor."""
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_p = tl.arange(0, BLOCK_P)
+    offs_n = tl.arange(0, BLOCK_N)
+    mask_m = offs_m < chunk_len
+    mask_p = offs_p < headdim
+    mask_n = offs_n < dstate
+    mask_mp = mask_m[:, None] & mask_p[None, :]
+    mask_mn = mask_m[:, None] & mask_n[None, :]
+    mask_pn = mask_p[:, None] & mask_n[None, :]
+    B_base = B_ptr + b64 * s_B_b + start * s_B_l + gg * s_B_g
+    C_base = C_ptr + b64 * s_C_b + start * s_C_l + gg * s_C_g
+    row = offs_m[:, None] * nheads * headdim + offs_p[None, :]
+    return offs_m, offs_p, offs_n, mask_m, mask_p, mask_n, mask_mp, mask_mn, mask_pn, B_base, C_base, row
 
 
 @triton.jit
@@ -368,26 +390,15 @@ def _chunk_scan_bwd_dx_kernel(
     and the parts of ∂L/∂(Δ·A) that leave t (see `_dt_bwd_kernel`):
       dq_t = Δ_t exp(cs_end − cs_t) x_t·(G B_t),   dcs_in_t = Σ_{s > t} M_st.
     """
-    pid_m, c, nchunks, b, gg, split, start, chunk_len = _scan_bwd_program(
-        seqlen, chunk_size, heads_per_group, heads_per_split, ngroups)
-    m0 = pid_m * BLOCK_M
+    m0, c, nchunks, b64, gg, split, start, chunk_len = _scan_bwd_program(
+        seqlen, chunk_size, heads_per_group, heads_per_split, ngroups, BLOCK_M)
     if m0 >= chunk_len:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_m = offs_m < chunk_len
-    mask_p = offs_p < headdim
-    mask_n = offs_n < dstate
-    mask_mp = mask_m[:, None] & mask_p[None, :]
-    mask_mn = mask_m[:, None] & mask_n[None, :]
-    mask_pn = mask_p[:, None] & mask_n[None, :]
-    b64 = b.to(tl.int64)
-    B_base = B_ptr + b64 * s_B_b + start * s_B_l + gg * s_B_g
-    C_base = C_ptr + b64 * s_C_b + start * s_C_l + gg * s_C_g
+    offs_m, offs_p, offs_n, mask_m, mask_p, mask_n, mask_mp, mask_mn, mask_pn, B_base, C_base, row = _scan_bwd_tile(
+        m0, chunk_len, b64, gg, start, B_ptr, C_ptr, nheads, headdim, dstate, s_B_b, s_B_l, s_B_g, s_C_b, s_C_l,
+        s_C_g, BLOCK_M, BLOCK_P, BLOCK_N)
     Bm = tl.load(B_base + offs_m[:, None] * s_B_l + offs_n[None, :] * s_B_n, mask=mask_mn, other=0.0)  # (M, N)
     dB_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row = offs_m[:, None] * nheads * headdim + offs_p[None, :]  # (M, P) offsets in contiguous (b, l, h, p)
 
     for i in range(heads_per_split):
         hh, bh, buf_base, x_base, z_base, o_base = _scan_bwd_head(
@@ -464,26 +475,15 @@ def _chunk_scan_bwd_dc_kernel(
     and the parts of ∂L/∂(Δ·A) that reach t: dcs_out_t = Σ_{s < t} M_ts + exp(cs_t) C_t·(Sᵀ dy_t), and
     per chunk dcs_chunk = exp(cs_end)⟨G, S⟩.
     """
-    pid_m, c, nchunks, b, gg, split, start, chunk_len = _scan_bwd_program(
-        seqlen, chunk_size, heads_per_group, heads_per_split, ngroups)
-    m0 = pid_m * BLOCK_M
+    m0, c, nchunks, b64, gg, split, start, chunk_len = _scan_bwd_program(
+        seqlen, chunk_size, heads_per_group, heads_per_split, ngroups, BLOCK_M)
     if m0 >= chunk_len:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
-    offs_p = tl.arange(0, BLOCK_P)
-    offs_n = tl.arange(0, BLOCK_N)
-    mask_m = offs_m < chunk_len
-    mask_p = offs_p < headdim
-    mask_n = offs_n < dstate
-    mask_mp = mask_m[:, None] & mask_p[None, :]
-    mask_mn = mask_m[:, None] & mask_n[None, :]
-    mask_pn = mask_p[:, None] & mask_n[None, :]
-    b64 = b.to(tl.int64)
-    B_base = B_ptr + b64 * s_B_b + start * s_B_l + gg * s_B_g
-    C_base = C_ptr + b64 * s_C_b + start * s_C_l + gg * s_C_g
+    offs_m, offs_p, offs_n, mask_m, mask_p, mask_n, mask_mp, mask_mn, mask_pn, B_base, C_base, row = _scan_bwd_tile(
+        m0, chunk_len, b64, gg, start, B_ptr, C_ptr, nheads, headdim, dstate, s_B_b, s_B_l, s_B_g, s_C_b, s_C_l,
+        s_C_g, BLOCK_M, BLOCK_P, BLOCK_N)
     Cm = tl.load(C_base + offs_m[:, None] * s_C_l + offs_n[None, :] * s_C_n, mask=mask_mn, other=0.0)  # (M, N)
     dC_acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    row = offs_m[:, None] * nheads * headdim + offs_p[None, :]
 
     for i in range(heads_per_split):
         hh, bh, buf_base, x_base, z_base, o_base = _scan_bwd_head(
@@ -492,7 +492,7 @@ def _chunk_scan_bwd_dc_kernel(
         st_pn = ((b64 * nchunks + c) * nheads + hh) * headdim * dstate + offs_p[:, None] * dstate + offs_n[None, :]
         cs_m = tl.load(cs_ptr + buf_base + offs_m, mask=mask_m, other=0.0)
         S = tl.load(states_ptr + st_pn, mask=mask_pn, other=0.0)  # (P, N)
-        if pid_m == 0:
+        if m0 == 0:  # dcs_chunk is per chunk: the first row block stores it
             GS = tl.load(dstates_ptr + st_pn, mask=mask_pn, other=0.0) * S
             cs_end = tl.load(cs_ptr + buf_base + chunk_len - 1)
             tl.store(dcs_chunk_ptr + bh * nchunks + c, tl.exp(cs_end) * tl.sum(tl.sum(GS, axis=1), axis=0))

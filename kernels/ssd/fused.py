@@ -76,6 +76,23 @@ def _segment_blocks(nblocks, seg_blocks, SEGMENTED: tl.constexpr):
     return 0, 0, nblocks
 
 
+@triton.jit
+def _walk_program(seqlen, nheads, headdim, dstate, heads_per_group, seg_blocks, SEGMENTED: tl.constexpr,
+                  BLOCK_T: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_N: tl.constexpr):
+    """What a program of the two sequential kernels walks, from its grid index (b·h, P slice, segment): b·h,
+    `_head`, the number of blocks, `_segment_blocks`, the T and N offsets, `_state_slice`, and where the head's
+    (P, N) state starts in a (b·h, P, N) tensor."""
+    bh = tl.program_id(0)
+    b, hh, gg = _head(bh, nheads, heads_per_group)
+    nblocks = tl.cdiv(seqlen, BLOCK_T)
+    seg, k_first, k_end = _segment_blocks(nblocks, seg_blocks, SEGMENTED)
+    offs_t = tl.arange(0, BLOCK_T)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_p, mask_p, state_off, mask_np = _state_slice(offs_n, headdim, dstate, tl.program_id(1), BLOCK_P)
+    head_state = bh.to(tl.int64) * headdim * dstate
+    return bh, b, hh, gg, nblocks, seg, k_first, k_end, offs_t, offs_n, offs_p, mask_p, state_off, mask_np, head_state
+
+
 @fast_launch
 @_autotune(_FUSED_CONFIGS, key=_FUSED_KEY)
 @triton.jit
@@ -100,19 +117,14 @@ def _fused_fwd_kernel(
     the state entering the segment contributes; `_fused_fwd_fix_kernel` adds it to y from what this kernel
     leaves: seg_decay (b·h, blocks + segments) fp32, Σ Δ·A from the segment's start to each block's, then
     over each whole segment; seg_final (b·h, segments, P, N) fp32, each segment's last state."""
-    bh = tl.program_id(0)
-    b, hh, gg = _head(bh, nheads, heads_per_group)
-    nblocks = tl.cdiv(seqlen, BLOCK_T)
-    seg, k_first, k_end = _segment_blocks(nblocks, seg_blocks, SEGMENTED)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_p, mask_p, state_off, mask_np = _state_slice(offs_n, headdim, dstate, tl.program_id(1), BLOCK_P)
+    bh, b, hh, gg, nblocks, seg, k_first, k_end, offs_t, offs_n, offs_p, mask_p, state_off, mask_np, head_state = (
+        _walk_program(seqlen, nheads, headdim, dstate, heads_per_group, seg_blocks, SEGMENTED, BLOCK_T, BLOCK_P,
+                      BLOCK_N))
     mask_n = offs_n < dstate
     causal = offs_t[:, None] >= offs_t[None, :]  # (T, T): token t reads tokens s ≤ t
     A, bias = _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS)
     if HAS_D:
         Dv = _load_D(D_ptr, hh, headdim, offs_p, mask_p, D_PER_P)
-    head_state = bh.to(tl.int64) * headdim * dstate  # this head's (P, N) in a (b·h, P, N) tensor
     St = _load_state(init_ptr + head_state + state_off, mask_np, BLOCK_N, BLOCK_P, HAS_INIT)  # Sᵀ (N, P)
     if SEGMENTED:
         St = tl.where(seg == 0, St, 0.0)  # later segments start from zero
@@ -243,15 +255,10 @@ def _fused_dstate_bwd_kernel(
     blocks from G = 0 (the last one from the final state's gradient) and stores what is left at its start
     (seg_gfirst, (b·h, segments, P, N) fp32); the block backward adds what the later segments contribute and
     writes the initial state's gradient."""
-    bh = tl.program_id(0)
-    b, hh, gg = _head(bh, nheads, heads_per_group)
-    nblocks = tl.cdiv(seqlen, BLOCK_T)
-    seg, k_first, k_end = _segment_blocks(nblocks, seg_blocks, SEGMENTED)
-    offs_t = tl.arange(0, BLOCK_T)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_p, mask_p, state_off, mask_np = _state_slice(offs_n, headdim, dstate, tl.program_id(1), BLOCK_P)
+    bh, b, hh, gg, nblocks, seg, k_first, k_end, offs_t, offs_n, offs_p, mask_p, state_off, mask_np, head_state = (
+        _walk_program(seqlen, nheads, headdim, dstate, heads_per_group, seg_blocks, SEGMENTED, BLOCK_T, BLOCK_P,
+                      BLOCK_N))
     A, bias = _head_params(A_ptr, dt_bias_ptr, hh, HAS_DT_BIAS)
-    head_state = bh.to(tl.int64) * headdim * dstate
     Gt = _load_state(dfinal_ptr + head_state + state_off, mask_np, BLOCK_N, BLOCK_P, HAS_DFINAL)  # Gᵀ (N, P)
     if SEGMENTED:
         Gt = tl.where(seg == tl.num_programs(2) - 1, Gt, 0.0)  # earlier segments start from zero

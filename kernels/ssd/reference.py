@@ -51,27 +51,11 @@ def _pad_time(t: Tensor, pad: int) -> Tensor:
     return F.pad(t, (0, 0) * (t.dim() - 2) + (0, pad)) if pad else t
 
 
-def ssd_scan_ref(
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    chunk_size: int,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    dt_bias: Tensor | None = None,
-    dt_softplus: bool = False,
-    initial_states: Tensor | None = None,
-    return_final_states: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """Chunked SSD (blog "State Space Duality (Mamba-2) Part III"), vectorised over chunks.
-
-    x: (b, l, h, p), dt: (b, l, h), A: (h,), B, C: (b, l, g, n), chunk_size Q: int,
-    D: (h,) or (h, p), z: (b, l, h, p), dt_bias: (h,), initial_states: (b, h, p, n).
-    Returns y: (b, l, h, p) in x.dtype, and final states (b, h, p, n) when return_final_states.
-    Any l: the sequence is zero-padded to whole chunks (Δ = 0 there, so padding leaves h unchanged).
-    """
+def ssd_scan_ref(x, dt, A, B, C, chunk_size, D=None, z=None, dt_bias=None, dt_softplus=False, initial_states=None,
+                 return_final_states=False):
+    """`kernels.ssd.ssd_scan` (shapes, semantics) chunked as in the blog "State Space Duality (Mamba-2) Part III",
+    vectorised over chunks. Any l: the sequence is zero-padded to whole chunks (Δ = 0 there, so padding leaves h
+    unchanged)."""
     if not (isinstance(chunk_size, int) and not isinstance(chunk_size, bool) and chunk_size > 0):
         raise ValueError(f"chunk_size={chunk_size!r}: must be a positive integer")
     b, l, h, p = x.shape
@@ -134,20 +118,10 @@ def _recurrence_step(
     return state, torch.einsum("bhpn,bhn->bhp", state, C)
 
 
-def ssd_scan_naive(
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    dt_bias: Tensor | None = None,
-    dt_softplus: bool = False,
-    initial_states: Tensor | None = None,
-    return_final_states: bool = False,
-) -> Tensor | tuple[Tensor, Tensor]:
-    """The recurrence token by token: the test oracle (give it fp64 inputs). Shapes as ssd_scan_ref."""
+def ssd_scan_naive(x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False, initial_states=None,
+                   return_final_states=False):
+    """`kernels.ssd.ssd_scan` (shapes, semantics; no chunk_size) as the recurrence token by token: the test
+    oracle (give it fp64 inputs)."""
     b, _, h, p = x.shape
     g, n = B.shape[-2:]
     check_groups(h, g, "nheads")
@@ -165,23 +139,9 @@ def ssd_scan_naive(
 
 
 @torch.no_grad()
-def ssd_step_ref(
-    state: Tensor,
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    dt_bias: Tensor | None = None,
-    dt_softplus: bool = False,
-) -> Tensor:
-    """One token of SSD (decoding); updates `state` in place.
-
-    state: (b, h, p, n) fp32, x, z: (b, h, p), dt: (b, h), A, dt_bias: (h,), B, C: (b, g, n),
-    D: (h,) or (h, p). Returns y: (b, h, p) in x.dtype. Not differentiable (decoding only).
-    """
+def ssd_step_ref(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """`kernels.ssd.ssd_step` (shapes, semantics): one token, `state` updated in place. Not differentiable
+    (decoding only)."""
     check_groups(x.shape[1], B.shape[1], "nheads")
     dtype = state.dtype
     delta = step_size(dt.to(dtype), dt_bias, dt_softplus)
