@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -136,3 +137,28 @@ def assert_matches_fp64_reference(name: str, op, ref, inputs: dict, tol: float, 
         assert grad.isfinite().all(), k
         assert errors[f"d{k}"] < tol_of.get(k, tol), k
     return out
+
+
+@dataclass(frozen=True)
+class SSDCase:
+    """An SSD scan's sizes and options, for its reference and Triton tests."""
+    b: int
+    l: int
+    h: int
+    p: int
+    n: int
+    g: int
+    Q: int
+    dtype: torch.dtype | None = None  # the inputs' dtype; None where the test picks it (the reference's fp64)
+    z: bool = False
+    D: str | None = None  # "h": D (h,), "hp": D (h, p)
+    bias: bool = False
+    softplus: bool = False
+    h0: bool = False  # start from a random initial state
+
+    def __str__(self):
+        flags = [name for name in ("z", "bias", "softplus", "h0") if getattr(self, name)]
+        flags += [f"D{self.D}"] if self.D else []
+        dims = f"b{self.b}-l{self.l}-h{self.h}-p{self.p}-n{self.n}-g{self.g}-Q{self.Q}"
+        dtype = [] if self.dtype is None else [str(self.dtype).removeprefix("torch.")]
+        return "-".join([dims, *dtype, *flags])

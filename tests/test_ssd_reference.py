@@ -4,7 +4,6 @@ gradient; chaining through initial states; the one-token step; stability; dtypes
 import re
 import sys
 import types
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,28 +12,10 @@ import kernels.ssd
 from kernels import load_backend
 from kernels.ssd import ssd_scan, ssd_step
 from kernels.ssd.reference import ssd_scan_naive, ssd_scan_ref
-from tests.conftest import assert_matches_oracle, rel_err
+from tests.conftest import SSDCase, assert_matches_oracle, rel_err
 
 
-@dataclass(frozen=True)
-class Case:
-    b: int
-    l: int
-    h: int
-    p: int
-    n: int
-    g: int
-    Q: int
-    z: bool = False
-    D: str | None = None  # "h": D (h,), "hp": D (h, p)
-    bias: bool = False
-    softplus: bool = False
-    h0: bool = False  # start from a random initial state
-
-    def __str__(self):
-        flags = [name for name in ("z", "bias", "softplus", "h0") if getattr(self, name)]
-        flags += [f"D{self.D}"] if self.D else []
-        return "-".join([f"b{self.b}-l{self.l}-h{self.h}-p{self.p}-n{self.n}-g{self.g}-Q{self.Q}", *flags])
+Case = SSDCase  # dtype left None: make_inputs takes the dtype
 
 
 def make_inputs(case: Case, dtype=torch.float64, seed=0, dt_max=0.3) -> dict[str, torch.Tensor]:
