@@ -140,6 +140,24 @@ def assert_matches_fp64_reference(name: str, op, ref, inputs: dict, tol: float, 
 
 
 @dataclass(frozen=True)
+class ScanDims:
+    """A selective scan's sizes, the part of a case its reference and Triton tests share."""
+    b: int
+    d: int
+    l: int
+    n: int
+    g: int | None  # None: B, C of shape (b, n, l); else (b, g, n, l)
+
+    @property
+    def bc_shape(self) -> tuple[int, ...]:
+        return (self.b, self.n, self.l) if self.g is None else (self.b, self.g, self.n, self.l)
+
+    def dims(self) -> str:
+        groups = "bnl" if self.g is None else f"g{self.g}"
+        return f"b{self.b}-d{self.d}-l{self.l}-n{self.n}-{groups}"
+
+
+@dataclass(frozen=True)
 class SSDCase:
     """An SSD scan's sizes and options, for its reference and Triton tests."""
     b: int

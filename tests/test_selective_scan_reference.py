@@ -11,16 +11,11 @@ import torch
 
 from kernels.selective_scan import selective_scan, selective_state_update
 from kernels.selective_scan.reference import selective_scan_naive, selective_scan_ref
-from tests.conftest import assert_matches_oracle, rel_err
+from tests.conftest import ScanDims, assert_matches_oracle, rel_err
 
 
 @dataclass(frozen=True)
-class Case:
-    b: int
-    d: int
-    l: int
-    n: int
-    g: int | None  # None: B, C of shape (b, n, l); else (b, g, n, l)
+class Case(ScanDims):
     z: bool = False
     D: bool = False
     bias: bool = False
@@ -28,8 +23,7 @@ class Case:
 
     def __str__(self):
         flags = [name for name in ("z", "D", "bias", "softplus") if getattr(self, name)]
-        groups = "bnl" if self.g is None else f"g{self.g}"
-        return "-".join([f"b{self.b}-d{self.d}-l{self.l}-n{self.n}-{groups}", *flags])
+        return "-".join([self.dims(), *flags])
 
 
 def make_inputs(case: Case, dtype=torch.float64, seed=0) -> dict[str, torch.Tensor]:
@@ -43,14 +37,13 @@ def make_inputs(case: Case, dtype=torch.float64, seed=0) -> dict[str, torch.Tens
         return lo + (hi - lo) * torch.rand(*shape, generator=gen, dtype=torch.float64)
 
     b, d, l, n = case.b, case.d, case.l, case.n
-    group_shape = (b, n, l) if case.g is None else (b, case.g, n, l)
     t = dict(
         u=randn(b, d, l),
         # softplus(−2 + noise) ≈ 0.13: raw delta is then a pre-activation, otherwise already Δ itself.
         delta=randn(b, d, l) - 2 if case.softplus else uniform(0.01, 0.3, b, d, l),
         A=-uniform(0.1, 2.0, d, n),
-        B=randn(*group_shape),
-        C=randn(*group_shape),
+        B=randn(*case.bc_shape),
+        C=randn(*case.bc_shape),
     )
     if case.D:
         t["D"] = randn(d)
