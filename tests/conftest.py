@@ -32,13 +32,18 @@ def assert_user_error(script: str, overrides: list[str], expected: list[str], ru
     holding every word of `expected`, no traceback, and nothing written to run_dir."""
     proc = subprocess.run([sys.executable, script, *overrides, f"hydra.run.dir={run_dir}"],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for word in expected:
-        assert word in lines[0], lines[0]
+    assert_one_error_line(proc.stderr, expected)
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not Path(run_dir).exists(), "a failed run must leave nothing behind"
+
+
+def assert_one_error_line(stderr: str, expected: list[str]) -> None:
+    """stderr, blank lines aside, is one `error: ` line holding every word of `expected`."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for word in expected:
+        assert word in lines[0], lines[0]
 
 
 def assert_graph_replays_eager(op, static: dict, fresh: dict, names: list[str]):
