@@ -1,6 +1,7 @@
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -31,13 +32,18 @@ def assert_user_error(script: str, overrides: list[str], expected: list[str], ru
     holding every word of `expected`, no traceback, and nothing written to run_dir."""
     proc = subprocess.run([sys.executable, script, *overrides, f"hydra.run.dir={run_dir}"],
                           cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=120)
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert proc.returncode == 2, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    for word in expected:
-        assert word in lines[0], lines[0]
+    assert_one_error_line(proc.stderr, expected)
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not Path(run_dir).exists(), "a failed run must leave nothing behind"
+
+
+def assert_one_error_line(stderr: str, expected: list[str]) -> None:
+    """stderr, blank lines aside, is one `error: ` line holding every word of `expected`."""
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    for word in expected:
+        assert word in lines[0], lines[0]
 
 
 def assert_graph_replays_eager(op, static: dict, fresh: dict, names: list[str]):
@@ -136,3 +142,83 @@ def assert_matches_fp64_reference(name: str, op, ref, inputs: dict, tol: float, 
         assert grad.isfinite().all(), k
         assert errors[f"d{k}"] < tol_of.get(k, tol), k
     return out
+
+
+@dataclass(frozen=True)
+class ScanDims:
+    """A selective scan's sizes, the part of a case its reference and Triton tests share."""
+    b: int
+    d: int
+    l: int
+    n: int
+    g: int | None  # None: B, C of shape (b, n, l); else (b, g, n, l)
+
+    @property
+    def bc_shape(self) -> tuple[int, ...]:
+        return (self.b, self.n, self.l) if self.g is None else (self.b, self.g, self.n, self.l)
+
+    def dims(self) -> str:
+        groups = "bnl" if self.g is None else f"g{self.g}"
+        return f"b{self.b}-d{self.d}-l{self.l}-n{self.n}-{groups}"
+
+
+@dataclass(frozen=True)
+class SSDCase:
+    """An SSD scan's sizes and options, for its reference and Triton tests."""
+    b: int
+    l: int
+    h: int
+    p: int
+    n: int
+    g: int
+    Q: int
+    dtype: torch.dtype | None = None  # the inputs' dtype; None where the test picks it (the reference's fp64)
+    z: bool = False
+    D: str | None = None  # "h": D (h,), "hp": D (h, p)
+    bias: bool = False
+    softplus: bool = False
+    h0: bool = False  # start from a random initial state
+
+    def __str__(self):
+        flags = [name for name in ("z", "bias", "softplus", "h0") if getattr(self, name)]
+        flags += [f"D{self.D}"] if self.D else []
+        dims = f"b{self.b}-l{self.l}-h{self.h}-p{self.p}-n{self.n}-g{self.g}-Q{self.Q}"
+        dtype = [] if self.dtype is None else [str(self.dtype).removeprefix("torch.")]
+        return "-".join([dims, *dtype, *flags])
+
+
+def assert_large_decays_finite_and_accurate(scan, naive, x_shape, dt_shape, A_shape, BC_shape) -> None:
+    """A scan reference on Δ up to ~10 with A down to −16 (per-token decays of exp(−160), far below
+    fp32's range): `scan(x, Δ, A, B, C) -> (y, state)`, both and every gradient (random upstream
+    gradients) finite, and y within 1e-5 of `naive(x, Δ, A, B, C) -> y` on fp64 copies."""
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*x_shape, generator=gen)
+    dt = 10 * torch.rand(*dt_shape, generator=gen)
+    A = -(1 + 15 * torch.rand(*A_shape, generator=gen))
+    B, C = torch.randn(2, *BC_shape, generator=gen)
+    leaves = [t.requires_grad_() for t in (x, dt, A, B, C)]
+    y, state = scan(*leaves)
+    grads = torch.autograd.grad((y, state), leaves, (torch.randn_like(y), torch.randn_like(state)))
+    assert all(t.isfinite().all() for t in (y, state, *grads))
+    with torch.no_grad():
+        y_naive = naive(*(t.double() for t in leaves))
+    assert rel_err(y, y_naive) < 1e-5
+
+
+def assert_low_precision_inputs_close_to_oracle(scan, naive, inputs: dict, per_token: tuple, dtype: torch.dtype,
+                                                return_state: str) -> None:
+    """A scan on `inputs` rounded to `dtype` where named in `per_token` (the scanned input first), to
+    fp32 otherwise (A, D, the Δ bias, states: as the models keep them). With `return_state=True`, y
+    is in `dtype` and the state fp32, each close to the fp64 `naive` on the same rounded inputs;
+    without, the scanned input's gradient is in `dtype` and finite."""
+    t = {k: v.detach().to(dtype if k in per_token else torch.float32) for k, v in inputs.items()}
+    y, state = scan(**t, **{return_state: True})
+    assert y.dtype == dtype and state.dtype == torch.float32
+    y_naive, state_naive = naive(**{return_state: True}, **{k: v.double() for k, v in t.items()})
+    # One rounding of y to the output dtype, plus fp32 accumulation.
+    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
+    assert rel_err(y, y_naive) < tol
+    assert rel_err(state, state_naive) < 1e-5
+    x = t[per_token[0]].requires_grad_()
+    scan(**t).float().sum().backward()
+    assert x.grad.dtype == dtype and x.grad.isfinite().all()

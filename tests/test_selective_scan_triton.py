@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from tests.conftest import fill_cuda_allocator_with_nan, rel_err, skip_module_without_triton
+from tests.conftest import ScanDims, fill_cuda_allocator_with_nan, rel_err, skip_module_without_triton
 
 skip_module_without_triton()
 
@@ -35,19 +35,13 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 1.5e-2, torch.float16: 3e-3}
 
 
 @dataclass(frozen=True)
-class Case:
-    b: int
-    d: int
-    l: int
-    n: int
-    g: int | None  # None: B, C of shape (b, n, l); else (b, g, n, l)
+class Case(ScanDims):
     chunk: int | None = None  # None: the default chunk length
     gated: bool = True  # D, z, delta_bias and softplus all on (else all off)
 
     def __str__(self):
-        groups = "bnl" if self.g is None else f"g{self.g}"
         chunk = "" if self.chunk is None else f"-T{self.chunk}"
-        return f"b{self.b}-d{self.d}-l{self.l}-n{self.n}-{groups}{chunk}" + ("-gated" if self.gated else "")
+        return self.dims() + chunk + ("-gated" if self.gated else "")
 
 
 def make_inputs(case: Case, dtype: torch.dtype, seed: int) -> dict[str, torch.Tensor | None]:
@@ -59,15 +53,14 @@ def make_inputs(case: Case, dtype: torch.dtype, seed: int) -> dict[str, torch.Te
         return torch.randn(*shape, generator=gen) * scale + shift
 
     b, d, l, n = case.b, case.d, case.l, case.n
-    bc_shape = (b, n, l) if case.g is None else (b, case.g, n, l)
     x = {
         "u": rand(b, d, l).to(dtype),
         # raw Δ before softplus(· + bias), or Δ itself in (0.05, 0.35)
         "delta": (rand(b, d, l, scale=0.5, shift=-1.5) if case.gated
                   else torch.rand(b, d, l, generator=gen) * 0.3 + 0.05).to(dtype),
         "A": -torch.rand(d, n, generator=gen) * 2 - 0.1,
-        "B": rand(*bc_shape).to(dtype),
-        "C": rand(*bc_shape).to(dtype),
+        "B": rand(*case.bc_shape).to(dtype),
+        "C": rand(*case.bc_shape).to(dtype),
         "D": rand(d) if case.gated else None,
         "z": rand(b, d, l).to(dtype) if case.gated else None,
         "delta_bias": rand(d, scale=0.5) if case.gated else None,

@@ -4,7 +4,6 @@ gradient; chaining through initial states; the one-token step; stability; dtypes
 import re
 import sys
 import types
-from dataclasses import dataclass
 
 import pytest
 import torch
@@ -13,28 +12,13 @@ import kernels.ssd
 from kernels import load_backend
 from kernels.ssd import ssd_scan, ssd_step
 from kernels.ssd.reference import ssd_scan_naive, ssd_scan_ref
-from tests.conftest import assert_matches_oracle, rel_err
+from tests.conftest import (
+    SSDCase, assert_large_decays_finite_and_accurate, assert_low_precision_inputs_close_to_oracle,
+    assert_matches_oracle, rel_err,
+)
 
 
-@dataclass(frozen=True)
-class Case:
-    b: int
-    l: int
-    h: int
-    p: int
-    n: int
-    g: int
-    Q: int
-    z: bool = False
-    D: str | None = None  # "h": D (h,), "hp": D (h, p)
-    bias: bool = False
-    softplus: bool = False
-    h0: bool = False  # start from a random initial state
-
-    def __str__(self):
-        flags = [name for name in ("z", "bias", "softplus", "h0") if getattr(self, name)]
-        flags += [f"D{self.D}"] if self.D else []
-        return "-".join([f"b{self.b}-l{self.l}-h{self.h}-p{self.p}-n{self.n}-g{self.g}-Q{self.Q}", *flags])
+Case = SSDCase  # dtype left None: make_inputs takes the dtype
 
 
 def make_inputs(case: Case, dtype=torch.float64, seed=0, dt_max=0.3) -> dict[str, torch.Tensor]:
@@ -134,18 +118,11 @@ def test_long_sequence_large_dt_is_finite_and_accurate(softplus):
     """Δ up to ~10 with A down to −16: per-token log-decays of −160 and cumulative ones far below
     fp32's exp range, the case where a subtract-the-cumsum segment sum gives NaN."""
     b, l, h, p, n = 1, 2048, 4, 8, 8
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(b, l, h, p, generator=gen)
-    dt = 10 * torch.rand(b, l, h, generator=gen)
-    A = -(1 + 15 * torch.rand(h, generator=gen))
-    B, C = torch.randn(2, b, l, 1, n, generator=gen)
-    leaves = [t.requires_grad_() for t in (x, dt, A, B, C)]
-    y, final = ssd_scan_ref(x, dt, A, B, C, 64, dt_softplus=softplus, return_final_states=True)
-    grads = torch.autograd.grad((y, final), leaves, (torch.randn_like(y), torch.randn_like(final)))
-    assert all(t.isfinite().all() for t in (y, final, *grads))
-    with torch.no_grad():
-        y_naive = ssd_scan_naive(*(t.double() for t in leaves), dt_softplus=softplus)
-    assert rel_err(y, y_naive) < 1e-5
+    assert_large_decays_finite_and_accurate(
+        lambda *t: ssd_scan_ref(*t, 64, dt_softplus=softplus, return_final_states=True),
+        lambda *t: ssd_scan_naive(*t, dt_softplus=softplus),
+        x_shape=(b, l, h, p), dt_shape=(b, l, h), A_shape=(h,), BC_shape=(b, l, 1, n),
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
@@ -153,20 +130,11 @@ def test_input_dtypes(dtype):
     """Low-precision inputs (A, D, dt_bias kept fp32 as the models keep them): y in x's dtype,
     states fp32, close to the fp64 oracle run on the same rounded inputs."""
     case = Case(2, 70, 4, 8, 8, 2, 32, z=True, D="h", bias=True, softplus=True, h0=True)
-    t = {k: v.detach() for k, v in make_inputs(case).items()}
-    t = {k: v.to(dtype if k in ("x", "dt", "B", "C", "z") else torch.float32) for k, v in t.items()}
-    y, final = ssd_scan(chunk_size=case.Q, dt_softplus=True, return_final_states=True, **t)
-    assert y.dtype == dtype and final.dtype == torch.float32
-    y_naive, final_naive = ssd_scan_naive(
-        dt_softplus=True, return_final_states=True, **{k: v.double() for k, v in t.items()}
+    assert_low_precision_inputs_close_to_oracle(
+        lambda **t: ssd_scan(chunk_size=case.Q, dt_softplus=True, **t),
+        lambda **t: ssd_scan_naive(dt_softplus=True, **t),
+        make_inputs(case), ("x", "dt", "B", "C", "z"), dtype, return_state="return_final_states",
     )
-    # One rounding of y to the output dtype, plus fp32 accumulation.
-    tol = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}[dtype]
-    assert rel_err(y, y_naive) < tol
-    assert rel_err(final, final_naive) < 1e-5
-    x = t["x"].requires_grad_()
-    ssd_scan(chunk_size=case.Q, dt_softplus=True, **t).float().sum().backward()
-    assert x.grad.dtype == dtype and x.grad.isfinite().all()
 
 
 def tiny_inputs():

@@ -19,7 +19,7 @@ import torch
 
 from kernels.ssd import ssd_scan
 from kernels.ssd.reference import ssd_scan_ref, ssd_step_ref
-from tests.conftest import INTERPRET, assert_graph_replays_eager, rel_err, skip_module_without_triton
+from tests.conftest import INTERPRET, SSDCase, assert_graph_replays_eager, rel_err, skip_module_without_triton
 
 skip_module_without_triton()
 
@@ -36,26 +36,8 @@ PER_TOKEN = ("x", "dt", "B", "C", "z")  # in the input dtype; A, D, dt_bias and 
 
 
 @dataclass(frozen=True)
-class Case:
-    b: int
-    l: int
-    h: int
-    p: int
-    n: int
-    g: int
-    Q: int
-    dtype: torch.dtype = torch.float32
-    z: bool = False
-    D: str | None = None  # "h": D (h,), "hp": D (h, p)
-    bias: bool = False
-    softplus: bool = False
-    h0: bool = False
-
-    def __str__(self):
-        flags = [name for name in ("z", "bias", "softplus", "h0") if getattr(self, name)]
-        flags += [f"D{self.D}"] if self.D else []
-        dims = f"b{self.b}-l{self.l}-h{self.h}-p{self.p}-n{self.n}-g{self.g}-Q{self.Q}"
-        return "-".join([dims, str(self.dtype).removeprefix("torch."), *flags])
+class Case(SSDCase):
+    dtype: torch.dtype = torch.float32  # keeps its place: the eighth positional field
 
 
 def make_inputs(case: Case, seed: int = 0, dt_scale: float = 1.0) -> dict[str, torch.Tensor]:

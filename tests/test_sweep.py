@@ -22,6 +22,7 @@ from training import run
 from sweeps.callbacks import OptunaPruning
 from sweeps.spec import from_overrides
 from sweeps.study import CellView
+from tests.conftest import assert_one_error_line
 
 ROOT = Path(__file__).resolve().parents[1]
 PRESETS = sorted(p.stem for p in (ROOT / "conf" / "sweep").glob("*.yaml") if p.stem != "base")
@@ -157,11 +158,8 @@ def test_a_bad_sweep_config_fails_fast_in_one_line(case, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         sweep.main(["sweep=smoke", f"sweep.dir={tmp_path / 'sweep'}", *overrides],
                    train=lambda cfg, callbacks=(): pytest.fail("must fail before training"))
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert exit_.value.code == 2
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    for word in expected:
-        assert word in err[0], err[0]
+    assert_one_error_line(capsys.readouterr().err, expected)
 
 
 def test_one_command_places_its_workers_on_every_gpu_it_sees():
