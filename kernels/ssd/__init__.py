@@ -3,13 +3,8 @@ is `triton.py` (which runs `chunk.py` or `fused.py`, as `path` says, and `step.p
 for CUDA tensors (the reference, with a warning, where the state is too large for the Triton kernels'
 shared memory).
 
-Shapes (mamba_ssm `mamba_chunk_scan_combined` layout):
-    x, z:                   (batch, seqlen, nheads, headdim)
-    dt:                     (batch, seqlen, nheads)
-    A, dt_bias:             (nheads,)
-    B, C:                   (batch, seqlen, ngroups, d_state)      head i reads group i // (nheads/ngroups)
-    D:                      (nheads,) or (nheads, headdim)
-    initial/final states:   (batch, nheads, headdim, d_state)      fp32
+Shapes follow mamba_ssm's `mamba_chunk_scan_combined` and `selective_state_update`; each parameter
+says its own.
 """
 
 import warnings
@@ -25,17 +20,18 @@ _TRITON = "kernels.ssd.triton"
 
 
 def ssd_scan(
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
+    x: Tensor,                              # (batch, seqlen, nheads, headdim)
+    dt: Tensor,                             # (batch, seqlen, nheads)
+    A: Tensor,                              # (nheads,)
+    B: Tensor,                              # (batch, seqlen, ngroups, d_state):
+                                            # head i reads group i // (nheads/ngroups)
+    C: Tensor,                              # as B
     chunk_size: int,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    dt_bias: Tensor | None = None,
+    D: Tensor | None = None,                # (nheads,) or (nheads, headdim)
+    z: Tensor | None = None,                # as x
+    dt_bias: Tensor | None = None,          # (nheads,)
     dt_softplus: bool = False,
-    initial_states: Tensor | None = None,
+    initial_states: Tensor | None = None,   # (batch, nheads, headdim, d_state) fp32
     return_final_states: bool = False,
     backend: str = "auto",
     path: str = "auto",
@@ -62,23 +58,19 @@ def ssd_scan(
 
 
 def ssd_step(
-    state: Tensor,
-    x: Tensor,
-    dt: Tensor,
-    A: Tensor,
-    B: Tensor,
-    C: Tensor,
-    D: Tensor | None = None,
-    z: Tensor | None = None,
-    dt_bias: Tensor | None = None,
+    state: Tensor,                          # (batch, nheads, headdim, d_state) fp32, updated in place
+    x: Tensor,                              # (batch, nheads, headdim)
+    dt: Tensor,                             # (batch, nheads)
+    A: Tensor,                              # (nheads,)
+    B: Tensor,                              # (batch, ngroups, d_state)
+    C: Tensor,                              # as B
+    D: Tensor | None = None,                # (nheads,) or (nheads, headdim)
+    z: Tensor | None = None,                # as x
+    dt_bias: Tensor | None = None,          # (nheads,)
     dt_softplus: bool = False,
     backend: str = "auto",
 ) -> Tensor:
-    """One token of ssd_scan; updates `state` (batch, nheads, headdim, d_state) fp32 in place.
-
-    x, z: (batch, nheads, headdim), dt: (batch, nheads), B, C: (batch, ngroups, d_state).
-    Returns y: (batch, nheads, headdim) in x.dtype.
-    """
+    """One token of ssd_scan; returns y: (batch, nheads, headdim) in x.dtype."""
     impl = load_backend(_TRITON, backend, x)
     step = ssd_step_ref if impl is None else impl.ssd_step_triton
     return step(state, x, dt, A, B, C, D=D, z=z, dt_bias=dt_bias, dt_softplus=dt_softplus)
