@@ -15,7 +15,7 @@ import triton
 import triton.language as tl
 
 from kernels import next_pow2
-from kernels.jit import softplus
+from kernels.jit import softplus_short
 from kernels.launch import INTERPRET, autotune
 
 # Every matrix-product dimension (rows, tokens, P, N) is tiled by at least 64 on the GPU: on Hopper,
@@ -44,10 +44,10 @@ def _dot(a, b):
 
 @triton.jit
 def _process_dt(dt_raw, bias, DT_SOFTPLUS: tl.constexpr):
-    """Δ = softplus(dt + dt_bias) (`kernels.jit.softplus`, the selective scan's too), or dt + dt_bias."""
+    """Δ = softplus(dt + dt_bias) (`kernels.jit.softplus_short`, mamba_ssm's), or dt + dt_bias."""
     dt = dt_raw + bias
     if DT_SOFTPLUS:
-        dt = softplus(dt)
+        dt = softplus_short(dt)
     return dt
 
 
