@@ -53,11 +53,13 @@ class Block(nn.Module):
         self.mlp = MLP(d_model, mlp_expand * d_model) if mlp_expand else None
 
     def forward(self, x: Tensor, cache=None) -> Tensor:
-        x = x + self.mixer(self.norm(x), cache)
-        return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
+        return self.mlp_residual(x + self.mixer(self.norm(x), cache))
 
     def step(self, x: Tensor, cache) -> Tensor:
-        x = x + self.mixer.step(self.norm(x), cache)
+        return self.mlp_residual(x + self.mixer.step(self.norm(x), cache))
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
+        """The block's second half, after the mixer's residual."""
         return x if self.mlp is None else x + self.mlp(self.mlp_norm(x))
 
 
@@ -141,7 +143,7 @@ class LM(nn.Module):
                     raise ValueError(f"attn_layers={list(attn_layers)}: indices must be in [0, n_layers={n_layers})")
             if len(set(attn_layers)) != len(attn_layers):
                 raise ValueError(f"attn_layers={list(attn_layers)}: indices must be distinct")
-            layers = {**{i: {"mixer": "attention"} for i in attn_layers}, **layers}
+            layers = {**layers, **{i: {"mixer": "attention", **layers.get(i, {})} for i in attn_layers}}
         elif attn_layers:
             raise ValueError(f"attn_layers={list(attn_layers)}: only used with mixer='hybrid' (mixer={mixer!r})")
         plan = _layer_plan(n_layers, "mamba2" if mixer == "hybrid" else mixer, mlp_expand, layers)
@@ -158,7 +160,8 @@ class LM(nn.Module):
         def make_block(layer: dict) -> Block:
             name = layer["mixer"]
             given = {k: v for k, v in model_keys.items() if k in mixer_class(name).hyperparameters()}
-            return Block(d_model, make_mixer(name, d_model, **given, **params[name]), layer["mlp_expand"], norm)
+            # params[name] holds only the keys this mixer declares (split_params checked them all).
+            return Block(d_model, mixer_class(name)(d_model, **given, **params[name]), layer["mlp_expand"], norm)
 
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(max_seqlen, d_model) if pos == "learned" else None

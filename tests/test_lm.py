@@ -212,6 +212,13 @@ def test_layers_override_single_layers():
         assert torch.equal(a, b), name
 
 
+def test_layers_keep_the_hybrids_attention_layers():
+    """An MLP given to one of the hybrid's attention layers leaves it an attention layer."""
+    lm = make_lm("hybrid-rope", n_layers=3, attn_layers=[1], layers={1: {"mlp_expand": 2}})
+    assert [type(b.mixer) for b in lm.blocks] == [Mamba2, Attention, Mamba2]
+    assert [b.mlp is not None for b in lm.blocks] == [False, True, False]
+
+
 def test_mixers_get_only_their_own_hyperparameters():
     """A key none of the model's mixers declares is an error, like any unexpected keyword argument."""
     with pytest.raises(TypeError, match=r"^d_state=3: not a parameter of mixer 'attention' \(allowed: n_heads, pos, max_seqlen\)$"):
