@@ -16,8 +16,8 @@ A = −1 and has no dt_bias: a special case).
 Glossary as in models/mixers/mamba2.py; here headdim P = expand·d_model / nheads.
 
 Not one of the LM's mixers (`model.mixer`): its init assumes it replaces the mixers of an LM already
-built (models.mohawk.make_student). It keeps the mixer contract, and tests/test_mixer_contract.py
-checks it with the registered ones.
+built (models.mohawk.make_student). It keeps the mixer contract, and the contract tests (tests/test_mixers.py)
+check it with the registered ones.
 """
 
 from dataclasses import dataclass, field

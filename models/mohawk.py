@@ -14,7 +14,6 @@ layers train independently (one optimiser over all of them is the same as one pe
 Here: the models' side (the student, the weight transfer, each stage's per-layer errors). The
 LightningModules that train the stages live with the distillation driver, in training/distill.py.
 """
-import copy
 
 import torch
 from torch import Tensor, nn
@@ -98,11 +97,8 @@ def block_inputs(lm: LM, ids: Tensor) -> list[Tensor]:
 
 
 def block_with_mixer(block: nn.Module, mixer: nn.Module, x: Tensor) -> Tensor:
-    """`block` (models.lm.Block) on x with its mixer replaced by `mixer`: the student layer of stage 2.
-    The block's own forward, on a shallow copy whose modules are the teacher's but for the mixer."""
-    layer = copy.copy(block)
-    layer._modules = {**block._modules, "mixer": mixer}
-    return layer(x)
+    """`block` (models.lm.Block) on x with its mixer replaced by `mixer`: the student layer of stage 2."""
+    return block.mlp_residual(x + mixer(block.norm(x)))
 
 
 def matrix_errors(teacher: LM, student: LM, ids: Tensor) -> list[tuple[Tensor, Tensor]]:

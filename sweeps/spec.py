@@ -96,15 +96,10 @@ class Sweep:
         if c["grace_period"] is not None and c["grace_period"] <= c["heartbeat_interval"]:
             raise ValueError(f"sweep.grace_period={c['grace_period']}: must exceed "
                              f"heartbeat_interval={c['heartbeat_interval']}")
-        sweep = cls(
-            name=c["name"], study_name=c["study_name"], dir=directory,
-            storage=c["storage"] or f"sqlite:///{directory / 'study.db'}", train=c["train"] + list(extra_train),
-            axes=axes, search=search, trials_per_cell=c["trials_per_cell"], n_trials=c["n_trials"],
-            objective=c["objective"], direction=c["direction"], sampler=c["sampler"], pruner=c["pruner"],
-            heartbeat_interval=c["heartbeat_interval"], grace_period=c["grace_period"],
-            max_retries=c["max_retries"], workers_per_gpu=c["workers_per_gpu"], eval=c["eval"],
-            report=c["report"], paper=c["paper"], description=c["description"],
-        )
+        # The schema's keys are Sweep's fields, but for the grid (parsed into axes) and the ones set here.
+        sweep = cls(**{k: v for k, v in c.items() if k != "grid"} | dict(
+            dir=directory, storage=c["storage"] or f"sqlite:///{directory / 'study.db'}",
+            train=c["train"] + list(extra_train), axes=axes, search=search))
         sweep._check_counts()
         return sweep
 

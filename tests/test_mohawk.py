@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import assert_user_error
+from tests.conftest import assert_rel_close, assert_user_error
 import torch
 import torch.nn.functional as F
 from omegaconf import OmegaConf
@@ -33,11 +33,6 @@ def inputs(seqlen=SEQLEN, seed=1):
 
 def ids(seqlen=SEQLEN, seed=1, batch=BATCH):
     return torch.randint(VOCAB, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
-
-
-def assert_rel_close(actual, expected, tol=1e-5):
-    err = (actual - expected).abs().max() / expected.abs().max()
-    assert err <= tol, f"relative error {err:.2e} > {tol:.0e}"
 
 
 def teacher_lm(**overrides):

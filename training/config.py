@@ -85,9 +85,7 @@ def describe_compose_error(e: Exception, overrides, config_name="train") -> str:
                     or o.lstrip("+~").startswith(full_key + ".")), full_key)
         parent = full_key.rpartition(".")[0]
         # The keys that do exist, under the same group choices (task=..., model=...).
-        groups = {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
-        choices = [o for o in overrides if o.split("=", 1)[0] in groups]
-        root = compose(choices, config_name)
+        root = compose(_group_choices(overrides), config_name)
         node = OmegaConf.select(root, parent) if parent else root
         allowed = ", ".join(k for k in node.keys() if not str(k).startswith("_")) if node else ""
         return f"{bad}: unknown key '{full_key}'; allowed in {parent or 'the config'}: {allowed}"
@@ -100,6 +98,12 @@ def describe_compose_error(e: Exception, overrides, config_name="train") -> str:
         return _built_with(cause, overrides, config_name) or \
             f"{wrong}: {f'must be {said}' if said else str(cause).strip().splitlines()[0]}"
     return str(e).strip().splitlines()[0]
+
+
+def _group_choices(overrides) -> list[str]:
+    """The overrides that choose a config group (task=..., model=...)."""
+    groups = {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
+    return [o for o in overrides if o.split("=", 1)[0] in groups]
 
 
 def _allowed(error: ValidationError, config_name: str, types: bool) -> str | None:
@@ -122,10 +126,8 @@ def _built_with(error: ValidationError, overrides, config_name: str) -> str | No
     group, _, key = error.full_key.rpartition(".")
     if "[" in key:  # an element of a list: said by its type
         return None
-    groups = {p.name for p in Path(CONF_DIR).iterdir() if p.is_dir()}
-    choices = [o for o in overrides if o.split("=", 1)[0] in groups]
     try:
-        node = OmegaConf.select(compose(choices, config_name), group) if group else None
+        node = OmegaConf.select(compose(_group_choices(overrides), config_name), group) if group else None
         if not isinstance(node, DictConfig) or "_target_" not in node:
             return None
         values = OmegaConf.to_container(node, resolve=True)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torchmetrics.aggregation import MeanMetric
 
-from tasks.base import IGNORE
+from tasks.base import IGNORE, check_positive_int
 
 
 def warmup_cosine(optimizer, total_steps, warmup_frac=0.1, min_lr_ratio=0.0):
@@ -48,8 +48,7 @@ def stepped_linear(optimizer, total_steps, drops=8):
     """The learning rate falls linearly in `drops` equal steps: the k-th 1/drops of training (k = 0 ..
     drops-1) runs at (drops - k)/drops of the peak (Mamba-2 App. D.1: "a linear decay schedule that
     drops on every epoch", the last of its 8 epochs at 1/8 of the peak)."""
-    if not (isinstance(drops, int) and not isinstance(drops, bool) and drops > 0):
-        raise ValueError(f"drops={drops!r}: must be a positive integer")
+    check_positive_int("drops", drops)
     return LambdaLR(optimizer, lambda step: (drops - min(drops - 1, step * drops // max(1, total_steps))) / drops)
 
 
