@@ -19,6 +19,7 @@ from models.mixers.mamba2 import Mamba2
 from tasks.data import scored
 from models.mohawk import block_inputs, block_with_mixer, hidden_errors, make_student, matrix_errors, transfer_weights
 from training import distill, run
+from training.callbacks import ProgressBar
 from training.distill import KnowledgeDistillation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -276,15 +277,24 @@ def tiny(run_dir, *overrides):
 
 @pytest.fixture(scope="module")
 def distilled(tmp_path_factory):
-    """A full run: the teacher trained first, stages 1, 2, 3, and scratch."""
-    run_dir = tmp_path_factory.mktemp("distill")
-    return run_dir, distill.distill(tiny(run_dir))
+    """A full run: the teacher trained first, stages 1, 2, 3, and scratch. Returns the run dir, the
+    metrics and the stages' trainers."""
+    run_dir, trainers = tmp_path_factory.mktemp("distill"), []
+    make_trainer = distill._trainer
+
+    def kept_trainer(*args, **kwargs):
+        trainers.append(make_trainer(*args, **kwargs))
+        return trainers[-1]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(distill, "_trainer", kept_trainer)
+        return run_dir, distill.distill(tiny(run_dir)), trainers
 
 
 def test_distill_writes_metrics_and_logs(distilled):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    run_dir, metrics = distilled
+    run_dir, metrics, _ = distilled
     keys = {"teacher/test/acc", "stage1/matrix_err_rel/initial", "stage1/matrix_err_rel/final",
             "stage2/hidden_err_rel/initial", "stage2/hidden_err_rel/final", "student/test/acc", "scratch/test/acc"}
     assert keys <= metrics.keys()
@@ -296,6 +306,17 @@ def test_distill_writes_metrics_and_logs(distilled):
                        ("stage3", "train/loss"), ("scratch", "train/loss")]:
         assert tag in EventAccumulator(str(run_dir / stage)).Reload().Tags()["scalars"], stage
         assert (run_dir / stage / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_stages_leave_their_losses_on_the_device(distilled):
+    """No `prog_bar` metrics, which Lightning reads to the host after every step (a wait for the GPU
+    each step); the progress bar shows the logged losses at its redraws."""
+    trainers = distilled[2]
+    assert [t.default_root_dir.rsplit("/", 1)[-1] for t in trainers] == ["stage1", "stage2", "stage3", "scratch"]
+    for trainer in trainers:
+        assert trainer.logged_metrics and not trainer.progress_bar_metrics, trainer.progress_bar_metrics
+    shown = ProgressBar().get_metrics(trainers[0], None)
+    assert shown["stage1/train/loss"] == float(trainers[0].logged_metrics["stage1/train/loss"])
 
 
 def test_ablation_reuses_a_teacher_and_writes_the_table(distilled, tmp_path):

@@ -81,13 +81,14 @@ class Throughput(L.Callback):
 
 
 class ProgressBar(TQDMProgressBar):
-    """Lightning's bar, with train/loss and train/acc as last logged, read at its redraws (run.py redraws
-    it at logging steps). LitLM does not log them as `prog_bar` metrics: Lightning turns every one of
-    those into a Python number after every step, a wait for the GPU each step (two `.item()` calls a
-    step in a host profile of run.py on the GPU, BENCHMARKS.md)."""
+    """Lightning's bar, with the train loss and accuracy as last logged (`train/loss`, `train/acc`, and a
+    distillation stage's `stage1/train/loss`), read at its redraws (run.py redraws it at logging steps).
+    No module logs them as `prog_bar` metrics: Lightning turns every one of those into a Python number
+    after every step, a wait for the GPU each step (two `.item()` calls a step in a host profile of
+    run.py on the GPU, BENCHMARKS.md)."""
 
     SHOWN = ("train/loss", "train/acc")
 
     def get_metrics(self, trainer, pl_module):
         logged = trainer.logged_metrics
-        return super().get_metrics(trainer, pl_module) | {k: float(logged[k]) for k in self.SHOWN if k in logged}
+        return super().get_metrics(trainer, pl_module) | {k: float(v) for k, v in logged.items() if k.endswith(self.SHOWN)}

@@ -165,7 +165,7 @@ class LayerwiseStage(_FrozenTeacher, L.LightningModule):
         for i, (loss, _) in enumerate(per_layer):
             self.log(f"{self.stage}/train/loss@layer={i}", loss)
         loss = torch.stack([loss for loss, _ in per_layer]).sum()
-        self.log(f"{self.stage}/train/loss", loss, prog_bar=True)
+        self.log(f"{self.stage}/train/loss", loss)
         return loss
 
     def validation_step(self, batch, batch_idx):
@@ -210,11 +210,11 @@ class KnowledgeDistillation(_FrozenTeacher, LitLM):
         kd = (kl * valid).sum() / valid.sum() * tau**2  # the mean over scored positions
         hard = F.cross_entropy(logits, targets.flatten(), ignore_index=IGNORE)
         loss = (1 - self.hard_weight) * kd + self.hard_weight * hard
-        self.log("train/loss", loss, prog_bar=True)
+        self.log("train/loss", loss)
         self.log("train/kd", kd)
         self.log("train/ce", hard)
         correct = (logits.argmax(-1) == targets.flatten()) & valid
-        self.log("train/acc", correct.sum() / valid.sum(), prog_bar=True)
+        self.log("train/acc", correct.sum() / valid.sum())
         return loss
 
 
