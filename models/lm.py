@@ -159,9 +159,10 @@ class LM(nn.Module):
 
         def make_block(layer: dict) -> Block:
             name = layer["mixer"]
-            given = {k: v for k, v in model_keys.items() if k in mixer_class(name).hyperparameters()}
+            cls = mixer_class(name)
+            given = {k: v for k, v in model_keys.items() if k in cls.hyperparameters()}
             # params[name] holds only the keys this mixer declares (split_params checked them all).
-            return Block(d_model, mixer_class(name)(d_model, **given, **params[name]), layer["mlp_expand"], norm)
+            return Block(d_model, cls(d_model, **given, **params[name]), layer["mlp_expand"], norm)
 
         self.embedding = nn.Embedding(vocab_size, d_model)
         self.pos_emb = nn.Embedding(max_seqlen, d_model) if pos == "learned" else None

@@ -312,7 +312,7 @@ def test_stages_leave_their_losses_on_the_device(distilled):
     """No `prog_bar` metrics, which Lightning reads to the host after every step (a wait for the GPU
     each step); the progress bar shows the logged losses at its redraws."""
     trainers = distilled[2]
-    assert [t.default_root_dir.rsplit("/", 1)[-1] for t in trainers] == ["stage1", "stage2", "stage3", "scratch"]
+    assert [Path(t.default_root_dir).name for t in trainers] == ["stage1", "stage2", "stage3", "scratch"]
     for trainer in trainers:
         assert trainer.logged_metrics and not trainer.progress_bar_metrics, trainer.progress_bar_metrics
     shown = ProgressBar().get_metrics(trainers[0], None)
